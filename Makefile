@@ -1,0 +1,52 @@
+# The README's commands. Each target sets up what it needs: a fresh clone
+# runs `make serve` or `make test` directly.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ADDRESS ?= 127.0.0.1:50051
+STORE ?= ./weightsmith-data
+
+.PHONY: venv serve test test-gpu lint protos bench demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## serve: start the server on ADDRESS with an embedded local store at STORE
+serve: $(STAMP)
+	$(BIN)/weightsmith-server --address $(ADDRESS) --store $(STORE) --metrics-address 127.0.0.1:9464
+
+## test: lint, contract checks and the whole test suite (GPU tests skip without a GPU)
+test: $(STAMP)
+	$(BIN)/ruff check .
+	cd protos && ../$(BIN)/buf lint
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+## test-gpu: only the tests that need a visible GPU
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	cd protos && ../$(BIN)/buf lint
+
+## protos: regenerate the stubs and .pyi files in client/weightsmith/v1
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+## bench: weight transfer throughput against raw gRPC byte streaming
+bench: $(STAMP)
+	$(BIN)/python bench/transfer.py
+
+## demo: run the quickstart example against a server started for the purpose
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py --spawn-server
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,69 @@
+"""weightsmith: read, write and version the weights of Keras models kept resident on a server.
+
+The client needs only grpcio, protobuf and numpy; it never imports TensorFlow.
+`Client` blocks, `AsyncClient` is its asyncio twin with the same methods.
+Every failure raises a `WeightsmithError` subclass, one per gRPC status code,
+carrying the server's field violations and reason.
+
+Example:
+
+```python
+import weightsmith
+
+with weightsmith.Client("127.0.0.1:50051") as client:
+    client.create_model("tiny", architecture="MobileNetV3Small",
+                        input_shape=[64, 64, 3], classes=5, seed=0)
+    head = client.read_weights("tiny", weightsmith.Selector(layer_range=(-1, None)))
+    client.write_weights("tiny", {p: a * 0.5 for p, a in head.items()},
+                         message="halve the head")
+```
+"""
+
+from weightsmith._async_client import AsyncClient
+from weightsmith._types import PredictResult, Selector
+from weightsmith.client import Client
+from weightsmith.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    UnknownError,
+    WeightsmithError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "AsyncClient",
+    "CancelledError",
+    "Client",
+    "DataLossError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "PredictResult",
+    "ResourceExhaustedError",
+    "Selector",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "UnknownError",
+    "WeightsmithError",
+]

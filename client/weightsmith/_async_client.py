@@ -1,0 +1,612 @@
+"""The asyncio client: `AsyncClient`, the twin of `Client` on `grpc.aio`.
+
+Same methods, same keyword-only options, as coroutines (and async iterators
+for `iter_*`). Everything that does no I/O lives in `_base._BaseClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from weightsmith._base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    DEFAULT_UPLOAD_CHUNK_BYTES,
+    READ_WEIGHTS_METHOD,
+    WRITE_WEIGHTS_METHOD,
+    ChannelOptions,
+    ExportReceiver,
+    PredictInputs,
+    SelectorLike,
+    WeightsReader,
+    _BaseClient,
+    cancel_on_error,
+    parse_read_weights_response,
+    partial_path,
+    serialize_write_weights_request,
+)
+from weightsmith._types import PredictResult
+from weightsmith.errors import translate_errors
+from weightsmith.v1 import (
+    model_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    weight_service_pb2,
+    weight_service_pb2_grpc,
+)
+
+
+@dataclass(frozen=True)
+class _Connection:
+    """The aio channel and the callables built on it."""
+
+    channel: grpc.aio.Channel
+    models: model_service_pb2_grpc.ModelServiceStub
+    weights: weight_service_pb2_grpc.WeightServiceStub
+    read_weights: grpc.aio.UnaryStreamMultiCallable
+    write_weights: grpc.aio.StreamUnaryMultiCallable
+
+
+class AsyncClient(_BaseClient):
+    """An asyncio client of a weightsmith server.
+
+    The twin of `Client`: the same methods and options, awaited. The channel
+    opens on the first call, so an `AsyncClient` may be created outside the
+    event loop that uses it; use it with `async with` or `await close()`.
+    Every failure raises a `weightsmith.WeightsmithError` subclass, one per
+    gRPC status code.
+
+    Reads (`get_model`, `list_models`, `predict`, `server_info`,
+    `read_weights`, `list_revisions`, `get_revision`) are retried on
+    UNAVAILABLE with exponential backoff; mutations are never retried.
+
+    Args:
+        target: The server address, `host:port` or any gRPC target URI.
+        timeout: Deadline in seconds of each unary call; None for none.
+        stream_timeout: Deadline in seconds of each streaming call (uploads,
+            exports, weight reads and writes); None (the default) for none.
+        author: Recorded as the author of every revision this client
+            commits (the `weightsmith-author` metadata); defaults to
+            `user@hostname`. Printable ASCII.
+        max_message_bytes: Largest message sent or received, in bytes.
+        credentials: TLS credentials (`grpc.ssl_channel_credentials()`);
+            None for a plaintext channel.
+        options: Extra gRPC channel options as `(key, value)` pairs; they
+            override the client's own.
+
+    Example:
+
+    ```python
+    import asyncio
+    import weightsmith
+
+    async def main() -> None:
+        async with weightsmith.AsyncClient("127.0.0.1:50051") as client:
+            weights = await client.read_weights("mnv2", "*/kernel")
+            print(len(weights))
+
+    asyncio.run(main())
+    ```
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        stream_timeout: float | None = None,
+        author: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: ChannelOptions = (),
+    ) -> None:
+        super().__init__(
+            target,
+            timeout=timeout,
+            stream_timeout=stream_timeout,
+            author=author,
+            max_message_bytes=max_message_bytes,
+            credentials=credentials,
+            options=options,
+        )
+        self._connection: _Connection | None = None
+        self._closed = False
+
+    def _connect(self) -> _Connection:
+        # A grpc.aio channel binds to the running loop when created, hence lazily.
+        if self._closed:
+            raise RuntimeError(
+                "Received a call on a closed AsyncClient, expected an open one; "
+                "create a new AsyncClient."
+            )
+        if self._connection is None:
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(self._target, options=self._channel_options)
+            else:
+                channel = grpc.aio.secure_channel(
+                    self._target, self._credentials, options=self._channel_options
+                )
+            self._connection = _Connection(
+                channel=channel,
+                models=model_service_pb2_grpc.ModelServiceStub(channel),
+                weights=weight_service_pb2_grpc.WeightServiceStub(channel),
+                read_weights=channel.unary_stream(
+                    READ_WEIGHTS_METHOD,
+                    request_serializer=weight_service_pb2.ReadWeightsRequest.SerializeToString,
+                    response_deserializer=parse_read_weights_response,
+                ),
+                write_weights=channel.stream_unary(
+                    WRITE_WEIGHTS_METHOD,
+                    request_serializer=serialize_write_weights_request,
+                    response_deserializer=weight_service_pb2.WriteWeightsResponse.FromString,
+                ),
+            )
+        return self._connection
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._closed = True
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- models ---------------------------------------------------------------
+
+    async def create_model(
+        self,
+        model_id: str = "",
+        *,
+        architecture: str | None = None,
+        include_top: bool | None = None,
+        input_shape: Sequence[int] | None = None,
+        classes: int = 0,
+        pooling: str | None = None,
+        weights_file: str = "",
+        classifier_activation: str = "",
+        keras_config: str | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        message: str = "",
+    ) -> model_pb2.Model:
+        """Create a model and commit it as revision 1.
+
+        Give exactly one of `architecture` (a `keras.applications` constructor
+        name, built without downloading weights) or `keras_config` (the JSON
+        of `model.to_json()`, or its dict; builtin layers only). The other
+        options apply to `architecture` only.
+
+        Args:
+            model_id: The new id, matching `[a-z0-9][a-z0-9-]{0,62}`; the
+                server picks one when empty.
+            architecture: A catalog name such as `"ResNet50"`.
+            include_top: Whether to keep the classifier on top; the
+                architecture's default (True) when None.
+            input_shape: Input shape without the batch dimension.
+            classes: Number of classes of the top classifier; 0 for the default.
+            pooling: `"avg"` or `"max"` global pooling without the top.
+            weights_file: A weights file under the server store's `imports/`.
+            classifier_activation: Activation of the top layer, e.g. `"linear"`.
+            keras_config: A Keras model config, as a JSON string or a dict.
+            seed: Initialization seed; the same seed gives identical weights.
+            message: Recorded on revision 1.
+
+        Returns:
+            The created `Model`.
+
+        Example:
+
+        ```python
+        model = await client.create_model("tiny", architecture="MobileNetV3Small",
+                                          input_shape=[64, 64, 3], classes=5, seed=1)
+        ```
+        """
+        request = self._create_model_request(
+            model_id,
+            architecture=architecture,
+            include_top=include_top,
+            input_shape=input_shape,
+            classes=classes,
+            pooling=pooling,
+            weights_file=weights_file,
+            classifier_activation=classifier_activation,
+            keras_config=keras_config,
+            seed=seed,
+            message=message,
+        )
+        with translate_errors():
+            response = await self._connect().models.CreateModel(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        return response.model
+
+    async def upload_model(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        model_id: str = "",
+        *,
+        message: str = "",
+        chunk_size_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+    ) -> model_pb2.Model:
+        """Upload a `.keras` file as a new model at revision 1.
+
+        The server loads it in Keras safe mode; a file that would run code is
+        refused with `InvalidArgumentError`. The file is read off the event
+        loop, in a worker thread.
+
+        Args:
+            source: The file's path, or its bytes.
+            model_id: The new id; the server picks one when empty.
+            message: Recorded on revision 1.
+            chunk_size_bytes: Bytes per streamed message.
+
+        Returns:
+            The uploaded `Model`.
+
+        Example:
+
+        ```python
+        model = await client.upload_model("classifier.keras", "classifier")
+        ```
+        """
+        upload = self._upload_source(source)
+        chunk_size = self._upload_chunk_size(chunk_size_bytes)
+        header = self._upload_header(model_id, upload, message)
+
+        async def requests() -> AsyncIterator[model_service_pb2.UploadModelRequest]:
+            yield header
+            if upload.path is None:
+                for request in self._upload_data_messages(upload.data, chunk_size):
+                    yield request
+                return
+            file = await asyncio.to_thread(upload.path.open, "rb")
+            try:
+                while block := await asyncio.to_thread(file.read, chunk_size):
+                    yield model_service_pb2.UploadModelRequest(chunk=block)
+            finally:
+                file.close()
+
+        with translate_errors():
+            response = await self._connect().models.UploadModel(
+                requests(), timeout=self._stream_timeout, metadata=self._metadata
+            )
+        return response.model
+
+    async def get_model(self, model_id: str) -> model_pb2.Model:
+        """Return a model's description: revision, layers, variables, device.
+
+        Args:
+            model_id: The model's id.
+
+        Returns:
+            The `Model`.
+        """
+        request = model_service_pb2.GetModelRequest(model_id=model_id)
+        with translate_errors():
+            response = await self._connect().models.GetModel(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        return response.model
+
+    async def list_models(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> model_service_pb2.ListModelsResponse:
+        """Return one page of models, ordered by id.
+
+        Args:
+            page_size: Most models to return, 1 to 1000; 0 for the server's 100.
+            page_token: `next_page_token` of the previous page; "" for the first.
+
+        Returns:
+            The page: `models` and `next_page_token` ("" on the last page).
+        """
+        request = model_service_pb2.ListModelsRequest(page_size=page_size, page_token=page_token)
+        with translate_errors():
+            return await self._connect().models.ListModels(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+
+    async def iter_models(self, *, page_size: int = 0) -> AsyncIterator[model_pb2.Model]:
+        """Yield every model, ordered by id, fetching pages as needed.
+
+        Args:
+            page_size: Models per page; 0 for the server's default.
+
+        Returns:
+            An async iterator of `Model`s.
+
+        Example:
+
+        ```python
+        ids = [model.model_id async for model in client.iter_models()]
+        ```
+        """
+        page_token = ""
+        while True:
+            page = await self.list_models(page_size=page_size, page_token=page_token)
+            for model in page.models:
+                yield model
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    async def delete_model(self, model_id: str) -> None:
+        """Delete a model and its whole history.
+
+        Args:
+            model_id: The model's id.
+        """
+        request = model_service_pb2.DeleteModelRequest(model_id=model_id)
+        with translate_errors():
+            await self._connect().models.DeleteModel(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+
+    async def export_model(
+        self,
+        model_id: str,
+        *,
+        revision: int = 0,
+        format: str = "keras",
+        path: str | os.PathLike[str] | None = None,
+    ) -> bytes | pathlib.Path:
+        """Download a model as a `.keras` file or a SavedModel tar archive.
+
+        With `path`, the file is written (off the event loop) next to it under
+        a temporary name and renamed into place once every byte arrived, so
+        `path` never holds a partial export.
+
+        Args:
+            model_id: The model's id.
+            revision: The revision to export; 0 for the current one.
+            format: `"keras"` or `"saved_model"`.
+            path: Where to write the file; None to return its bytes.
+
+        Returns:
+            The file's bytes, or `path` as a `pathlib.Path`.
+
+        Example:
+
+        ```python
+        await client.export_model("tiny", path="tiny.keras")
+        ```
+        """
+        request = self._export_request(model_id, revision, format)
+        receiver = ExportReceiver()
+        with translate_errors():
+            call = self._connect().models.ExportModel(
+                request, timeout=self._stream_timeout, metadata=self._metadata
+            )
+            with cancel_on_error(call):
+                if path is None:
+                    parts = [receiver.add(response) async for response in call]
+                    receiver.finish()
+                    return b"".join(parts)
+                destination = pathlib.Path(path)
+                partial = partial_path(destination)
+                try:
+                    file = await asyncio.to_thread(partial.open, "wb")
+                    try:
+                        async for response in call:
+                            await asyncio.to_thread(file.write, receiver.add(response))
+                    finally:
+                        await asyncio.to_thread(file.close)
+                    receiver.finish()
+                    await asyncio.to_thread(os.replace, partial, destination)
+                finally:
+                    await asyncio.to_thread(partial.unlink, missing_ok=True)
+                return destination
+
+    async def predict(
+        self,
+        model_id: str,
+        inputs: PredictInputs,
+        *,
+        output_layers: Sequence[str] = (),
+    ) -> PredictResult:
+        """Run the model on a batch, from its last committed revision.
+
+        Args:
+            model_id: The model's id.
+            inputs: One array per model input, batch dimension first: an
+                array (single-input models), a list or tuple in positional
+                order, or a dict keyed by input name. Dtypes must match the
+                model's inputs (usually float32: mind that `np.asarray` of
+                Python floats gives float64).
+            output_layers: Names of layers whose outputs to return as well.
+
+        Returns:
+            A `PredictResult` with `outputs`, `layer_outputs` and `revision`.
+
+        Example:
+
+        ```python
+        batch = np.zeros((2, 64, 64, 3), np.float32)
+        probabilities = (await client.predict("tiny", batch)).output
+        ```
+        """
+        request = self._predict_request(model_id, inputs, output_layers)
+        with translate_errors():
+            response = await self._connect().models.Predict(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        return self._predict_result(response)
+
+    async def server_info(self) -> model_service_pb2.GetServerInfoResponse:
+        """Return the server's versions, devices, limits and catalog names."""
+        request = model_service_pb2.GetServerInfoRequest()
+        with translate_errors():
+            return await self._connect().models.GetServerInfo(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+
+    # --- weights --------------------------------------------------------------
+
+    async def read_weights(
+        self,
+        model_id: str,
+        selector: SelectorLike | None = None,
+        *,
+        revision: int = 0,
+        chunk_size_bytes: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Read variables of a model.
+
+        Args:
+            model_id: The model's id.
+            selector: Which variables: a `Selector`, a glob over variable
+                paths (`"dense*/kernel"`), or a list of globs; all when None.
+            revision: The revision to read; 0 for the current one.
+            chunk_size_bytes: Streamed chunk size, 65536 to 4194304; 0 for
+                the server's default.
+
+        Returns:
+            Arrays keyed by variable path, in the model's order.
+
+        Example:
+
+        ```python
+        weights = await client.read_weights("tiny", weightsmith.Selector(layers=["predictions"]))
+        kernel = weights["predictions/kernel"]
+        ```
+        """
+        request = self._read_weights_request(model_id, selector, revision, chunk_size_bytes)
+        reader = WeightsReader()
+        with translate_errors():
+            call = self._connect().read_weights(
+                request, timeout=self._stream_timeout, metadata=self._metadata
+            )
+            with cancel_on_error(call):
+                async for message in call:
+                    reader.add(message)
+        return reader.finish()
+
+    async def write_weights(
+        self,
+        model_id: str,
+        weights: Mapping[str, np.ndarray],
+        *,
+        expected_revision: int | None = None,
+        message: str = "",
+        allow_non_finite: bool = False,
+        chunk_size_bytes: int = 0,
+    ) -> weight_service_pb2.Revision:
+        """Overwrite variables, committed atomically as one new revision.
+
+        Each array must have its variable's exact shape and dtype. Nothing
+        changes unless the whole stream arrives.
+
+        Args:
+            model_id: The model's id.
+            weights: Arrays keyed by variable path (any subset of variables).
+            expected_revision: Commit only if the model is still at this
+                revision, else raise `AbortedError`; None to write regardless.
+            message: Recorded on the new revision.
+            allow_non_finite: Accept NaN and infinities (refused by default).
+            chunk_size_bytes: Streamed chunk size, 65536 to 4194304; 0 for
+                2 MiB.
+
+        Returns:
+            The committed `Revision`.
+
+        Example:
+
+        ```python
+        weights = await client.read_weights("tiny", "predictions/*")
+        weights = {path: array * 0.5 for path, array in weights.items()}
+        revision = await client.write_weights("tiny", weights, message="halve the head")
+        ```
+        """
+        requests = self._write_weights_messages(
+            model_id,
+            weights,
+            expected_revision=expected_revision,
+            message=message,
+            allow_non_finite=allow_non_finite,
+            chunk_size_bytes=chunk_size_bytes,
+        )
+        with translate_errors():
+            response = await self._connect().write_weights(
+                requests, timeout=self._stream_timeout, metadata=self._metadata
+            )
+        return response.revision
+
+    # --- revisions ------------------------------------------------------------
+
+    async def list_revisions(
+        self, model_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> weight_service_pb2.ListRevisionsResponse:
+        """Return one page of a model's revisions, newest first.
+
+        Args:
+            model_id: The model's id.
+            page_size: Most revisions to return, 1 to 1000; 0 for the server's 100.
+            page_token: `next_page_token` of the previous page; "" for the first.
+
+        Returns:
+            The page: `revisions` and `next_page_token` ("" on the last page).
+        """
+        request = weight_service_pb2.ListRevisionsRequest(
+            model_id=model_id, page_size=page_size, page_token=page_token
+        )
+        with translate_errors():
+            return await self._connect().weights.ListRevisions(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+
+    async def iter_revisions(
+        self, model_id: str, *, page_size: int = 0
+    ) -> AsyncIterator[weight_service_pb2.Revision]:
+        """Yield every revision of a model, newest first, fetching pages as needed.
+
+        Args:
+            model_id: The model's id.
+            page_size: Revisions per page; 0 for the server's default.
+
+        Returns:
+            An async iterator of `Revision`s.
+        """
+        page_token = ""
+        while True:
+            page = await self.list_revisions(model_id, page_size=page_size, page_token=page_token)
+            for revision in page.revisions:
+                yield revision
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    async def get_revision(self, model_id: str, revision: int) -> weight_service_pb2.Revision:
+        """Return one revision of a model.
+
+        Args:
+            model_id: The model's id.
+            revision: The revision number, at least 1.
+
+        Returns:
+            The `Revision`.
+        """
+        request = weight_service_pb2.GetRevisionRequest(model_id=model_id, revision=revision)
+        with translate_errors():
+            response = await self._connect().weights.GetRevision(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        return response.revision

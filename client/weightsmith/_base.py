@@ -1,0 +1,591 @@
+"""What `Client` and `AsyncClient` share: configuration, requests and decoding.
+
+Nothing here talks to the network, so the two clients differ only in how they
+call grpc. The weight streams bypass the generated stubs: their multicallables
+are built on the channel with serializers from `_wire`, which move a chunk's
+bytes with one copy each way while the wire format stays plain protobuf.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import pathlib
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, TypeAlias
+
+import grpc
+import numpy as np
+
+from weightsmith import _wire
+from weightsmith._types import PredictResult, Selector
+from weightsmith.errors import DataLossError
+from weightsmith.v1 import model_service_pb2, tensor_pb2, weight_service_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_UPLOAD_CHUNK_BYTES = 1024 * 1024
+AUTHOR_METADATA_KEY = "weightsmith-author"
+
+MODEL_SERVICE = "weightsmith.v1.ModelService"
+WEIGHT_SERVICE = "weightsmith.v1.WeightService"
+READ_WEIGHTS_METHOD = f"/{WEIGHT_SERVICE}/ReadWeights"
+WRITE_WEIGHTS_METHOD = f"/{WEIGHT_SERVICE}/WriteWeights"
+
+# Only reads are retried: replaying a mutation could commit it twice.
+RETRIED_METHODS: tuple[tuple[str, str], ...] = (
+    (MODEL_SERVICE, "GetModel"),
+    (MODEL_SERVICE, "ListModels"),
+    (MODEL_SERVICE, "Predict"),
+    (MODEL_SERVICE, "GetServerInfo"),
+    (WEIGHT_SERVICE, "ReadWeights"),
+    (WEIGHT_SERVICE, "ListRevisions"),
+    (WEIGHT_SERVICE, "GetRevision"),
+)
+
+SERVICE_CONFIG: dict[str, Any] = {
+    "methodConfig": [
+        {
+            "name": [{"service": service, "method": method} for service, method in RETRIED_METHODS],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+# Pings detect dead connections under long, quiet streams. A grpc server by
+# default answers pings closer than 5 minutes apart with strikes and then a
+# GOAWAY ("too_many_pings"), so the client never pings more often than that.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+# Room for the fields around a `bytes` payload in one message.
+_MESSAGE_OVERHEAD_BYTES = 1024
+
+ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
+SelectorLike: TypeAlias = Selector | str | Sequence[str] | weight_service_pb2.VariableSelector
+PredictInputs: TypeAlias = np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray]
+WriteWeightsMessage: TypeAlias = weight_service_pb2.WriteWeightsRequest | bytes
+
+_POOLING = {
+    None: model_service_pb2.POOLING_UNSPECIFIED,
+    "avg": model_service_pb2.POOLING_AVG,
+    "max": model_service_pb2.POOLING_MAX,
+}
+_EXPORT_FORMATS = {
+    "keras": model_service_pb2.EXPORT_FORMAT_KERAS,
+    "saved_model": model_service_pb2.EXPORT_FORMAT_SAVED_MODEL,
+}
+
+
+def default_author() -> str:
+    """Return `user@host` for the `weightsmith-author` header."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # No login name, e.g. an arbitrary container uid.
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    author = f"{user}@{socket.gethostname()}"
+    # grpc metadata values must be printable ASCII.
+    return "".join(c if " " <= c <= "~" else "?" for c in author)
+
+
+def _check_author(author: str) -> str:
+    if not isinstance(author, str) or not author or not all(" " <= c <= "~" for c in author):
+        raise ValueError(
+            f"Received an invalid `author`, expected a non-empty string of printable ASCII "
+            f"characters (it travels as gRPC metadata). Received: author={author!r}"
+        )
+    return author
+
+
+def _check_timeout(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"Received an invalid `{name}`, expected a positive number of seconds or None "
+            f"for no deadline. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def _check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"Received a non-integer `{name}`, expected an int. Received: {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        expected = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise ValueError(f"Received an invalid `{name}`, expected {expected}. Received: {value}")
+    return int(value)
+
+
+def _check_weight_chunk_size(chunk_size_bytes: int) -> int:
+    if chunk_size_bytes == 0:
+        return 0
+    return _check_int(
+        "chunk_size_bytes", chunk_size_bytes, _wire.MIN_CHUNK_BYTES, _wire.MAX_CHUNK_BYTES
+    )
+
+
+def _malformed(what: str, problem: object) -> DataLossError:
+    return DataLossError(f"The server sent a malformed {what}: {problem}")
+
+
+class ReadWeightsMessage(NamedTuple):
+    """One parsed `ReadWeightsResponse`: the chunk (a view) and the revision."""
+
+    chunk: _wire.ChunkView | None
+    revision: int
+    error: str = ""
+
+
+def parse_read_weights_response(data: bytes) -> ReadWeightsMessage:
+    """Deserialize a `ReadWeightsResponse` without copying the chunk's data.
+
+    Never raises: grpc would log and drop the error (grpc.aio even yields None),
+    so a malformed message is returned with `error` set for `WeightsReader`.
+    """
+    try:
+        chunk, rest = _wire.parse_chunk_field(data, 1)
+        revision = weight_service_pb2.ReadWeightsResponse.FromString(rest).revision if rest else 0
+    except Exception as exc:  # Reported by WeightsReader, which raises DataLossError.
+        return ReadWeightsMessage(None, 0, f"{type(exc).__name__}: {exc}")
+    return ReadWeightsMessage(chunk, revision)
+
+
+def serialize_write_weights_request(message: WriteWeightsMessage) -> bytes:
+    """Serialize the header message; chunk messages are already bytes."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
+
+
+class WeightsReader:
+    """Assembles a ReadWeights stream into arrays, in stream (model) order."""
+
+    def __init__(self) -> None:
+        self._assembler = _wire.TensorAssembler()
+        self.revision: int | None = None
+
+    def add(self, message: ReadWeightsMessage | None) -> None:
+        """Copy one message's chunk into its tensor; `DataLossError` if malformed."""
+        if message is None or message.chunk is None:
+            problem = message.error if message is not None and message.error else "no chunk"
+            raise _malformed("ReadWeights message", problem)
+        if self.revision is None:
+            self.revision = message.revision
+        elif message.revision != self.revision:
+            raise _malformed(
+                "ReadWeights stream",
+                f"revision changed from {self.revision} to {message.revision} mid-stream",
+            )
+        try:
+            self._assembler.add(message.chunk)
+        except ValueError as exc:
+            raise _malformed("ReadWeights stream", exc) from exc
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Check the stream ended on a complete tensor and return all of them."""
+        try:
+            return self._assembler.finish()
+        except ValueError as exc:
+            raise _malformed("ReadWeights stream", exc) from exc
+
+
+class ExportReceiver:
+    """Checks an ExportModel stream: consistent size and revision, every byte."""
+
+    def __init__(self) -> None:
+        self.size_bytes: int | None = None
+        self.revision = 0
+        self.received = 0
+
+    def add(self, response: model_service_pb2.ExportModelResponse | None) -> bytes:
+        """Return the chunk's bytes; `DataLossError` if the stream is inconsistent."""
+        if response is None:
+            raise _malformed("ExportModel message", "it could not be parsed")
+        if self.size_bytes is None:
+            self.size_bytes = response.size_bytes
+            self.revision = response.revision
+        elif (response.size_bytes, response.revision) != (self.size_bytes, self.revision):
+            raise _malformed(
+                "ExportModel stream",
+                f"size/revision changed from {self.size_bytes}/{self.revision} to "
+                f"{response.size_bytes}/{response.revision} mid-stream",
+            )
+        self.received += len(response.chunk)
+        if self.received > self.size_bytes:
+            raise _malformed(
+                "ExportModel stream", f"more than the announced {self.size_bytes} bytes"
+            )
+        return response.chunk
+
+    def finish(self) -> None:
+        """Check every announced byte arrived."""
+        if self.size_bytes is None:
+            raise _malformed("ExportModel stream", "it ended without any message")
+        if self.received != self.size_bytes:
+            raise _malformed(
+                "ExportModel stream",
+                f"it ended after {self.received} of {self.size_bytes} bytes",
+            )
+
+
+@dataclass(frozen=True)
+class UploadSource:
+    """A `.keras` file to upload: on disk at `path`, else in memory as `data`."""
+
+    size_bytes: int
+    data: bytes = b""
+    path: pathlib.Path | None = None
+
+
+def partial_path(path: pathlib.Path) -> pathlib.Path:
+    """Where an export is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.part")
+
+
+class _BaseClient:
+    """Configuration, request building and response decoding for both clients."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None,
+        stream_timeout: float | None,
+        author: str | None,
+        max_message_bytes: int,
+        credentials: grpc.ChannelCredentials | None,
+        options: ChannelOptions,
+    ) -> None:
+        if not isinstance(target, str) or not target:
+            raise ValueError(
+                f"Received an invalid `target`, expected an address such as "
+                f"'127.0.0.1:50051' or 'dns:///weightsmith:50051'. Received: target={target!r}"
+            )
+        self._target = target
+        self._timeout = _check_timeout("timeout", timeout)
+        self._stream_timeout = _check_timeout("stream_timeout", stream_timeout)
+        self._author = default_author() if author is None else _check_author(author)
+        self._metadata: tuple[tuple[str, str], ...] = ((AUTHOR_METADATA_KEY, self._author),)
+        self._max_message_bytes = _check_int(
+            "max_message_bytes", max_message_bytes, 4 * _MESSAGE_OVERHEAD_BYTES + 1
+        )
+        self._credentials = credentials
+        self._channel_options = self._build_channel_options(options)
+
+    @property
+    def target(self) -> str:
+        """The server address the client connects to."""
+        return self._target
+
+    @property
+    def author(self) -> str:
+        """The `weightsmith-author` recorded on the revisions this client commits."""
+        return self._author
+
+    def _build_channel_options(self, options: ChannelOptions) -> list[tuple[str, Any]]:
+        merged: dict[str, Any] = {
+            "grpc.max_send_message_length": self._max_message_bytes,
+            "grpc.max_receive_message_length": self._max_message_bytes,
+            "grpc.enable_retries": 1,
+            "grpc.service_config": json.dumps(SERVICE_CONFIG),
+            **dict(KEEPALIVE_OPTIONS),
+        }
+        # The caller's options win over ours.
+        for key, value in options:
+            merged[key] = value
+        return list(merged.items())
+
+    # --- ModelService requests ----------------------------------------------
+
+    @staticmethod
+    def _create_model_request(
+        model_id: str,
+        *,
+        architecture: str | None,
+        include_top: bool | None,
+        input_shape: Sequence[int] | None,
+        classes: int,
+        pooling: str | None,
+        weights_file: str,
+        classifier_activation: str,
+        keras_config: str | Mapping[str, Any] | None,
+        seed: int | None,
+        message: str,
+    ) -> model_service_pb2.CreateModelRequest:
+        if (architecture is None) == (keras_config is None):
+            received = "both" if architecture is not None else "neither"
+            raise ValueError(
+                f"Received {received} of `architecture` and `keras_config`, expected exactly "
+                f"one: a keras.applications name such as 'ResNet50', or a Keras model config "
+                f"(`model.to_json()` or its dict)."
+            )
+        request = model_service_pb2.CreateModelRequest(model_id=model_id, message=message)
+        if seed is not None:
+            request.seed = _check_int("seed", seed, -(2**63), 2**63 - 1)
+        if keras_config is not None:
+            catalog_options = {
+                "include_top": include_top is not None,
+                "input_shape": input_shape is not None,
+                "classes": classes != 0,
+                "pooling": pooling is not None,
+                "weights_file": bool(weights_file),
+                "classifier_activation": bool(classifier_activation),
+            }
+            given = [name for name, is_set in catalog_options.items() if is_set]
+            if given:
+                raise ValueError(
+                    f"Received catalog options {given} with `keras_config`, expected them "
+                    f"only with `architecture`; put them in the Keras config instead."
+                )
+            if isinstance(keras_config, Mapping):
+                request.keras_config_json = json.dumps(keras_config)
+            elif isinstance(keras_config, str) and keras_config:
+                request.keras_config_json = keras_config
+            else:
+                raise TypeError(
+                    f"Received an invalid `keras_config`, expected a non-empty JSON string or "
+                    f"a dict. Received: {type(keras_config).__name__}"
+                )
+            return request
+        if not isinstance(architecture, str) or not architecture:
+            raise ValueError(
+                f"Received an invalid `architecture`, expected a keras.applications "
+                f"constructor name such as 'ResNet50'. Received: architecture={architecture!r}"
+            )
+        if pooling not in _POOLING:
+            raise ValueError(
+                f"Received an invalid `pooling`, expected 'avg', 'max' or None. "
+                f"Received: pooling={pooling!r}"
+            )
+        catalog = request.catalog
+        catalog.name = architecture
+        if include_top is not None:
+            catalog.include_top = bool(include_top)
+        if input_shape is not None:
+            catalog.input_shape.extend(
+                _check_int(f"input_shape[{i}]", d, 1) for i, d in enumerate(input_shape)
+            )
+        catalog.classes = _check_int("classes", classes, 0, 2**31 - 1)
+        catalog.pooling = _POOLING[pooling]
+        catalog.weights_file = weights_file
+        catalog.classifier_activation = classifier_activation
+        return request
+
+    def _upload_chunk_size(self, chunk_size_bytes: int) -> int:
+        return _check_int(
+            "chunk_size_bytes",
+            chunk_size_bytes,
+            1,
+            self._max_message_bytes - _MESSAGE_OVERHEAD_BYTES,
+        )
+
+    @staticmethod
+    def _upload_source(source: str | os.PathLike[str] | bytes) -> UploadSource:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+            return UploadSource(size_bytes=len(data), data=data)
+        if isinstance(source, (str, os.PathLike)):
+            path = pathlib.Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"Received a `source` that is not a file, expected the path of a .keras "
+                    f"file or its bytes. Received: source={str(source)!r}"
+                )
+            return UploadSource(size_bytes=path.stat().st_size, path=path)
+        raise TypeError(
+            f"Received an invalid `source`, expected a path (str or os.PathLike) or bytes. "
+            f"Received: {type(source).__name__}"
+        )
+
+    @staticmethod
+    def _upload_header(
+        model_id: str, source: UploadSource, message: str
+    ) -> model_service_pb2.UploadModelRequest:
+        return model_service_pb2.UploadModelRequest(
+            header=model_service_pb2.UploadModelHeader(
+                model_id=model_id, size_bytes=source.size_bytes, message=message
+            )
+        )
+
+    @staticmethod
+    def _export_request(
+        model_id: str, revision: int, format: str
+    ) -> model_service_pb2.ExportModelRequest:
+        if format not in _EXPORT_FORMATS:
+            raise ValueError(
+                f"Received an invalid `format`, expected one of {sorted(_EXPORT_FORMATS)}. "
+                f"Received: format={format!r}"
+            )
+        return model_service_pb2.ExportModelRequest(
+            model_id=model_id,
+            revision=_check_int("revision", revision, 0),
+            format=_EXPORT_FORMATS[format],
+        )
+
+    @staticmethod
+    def _predict_request(
+        model_id: str, inputs: PredictInputs, output_layers: Sequence[str]
+    ) -> model_service_pb2.PredictRequest:
+        if isinstance(inputs, Mapping):
+            named = [(str(name), value, f"inputs[{name!r}]") for name, value in inputs.items()]
+        elif isinstance(inputs, (list, tuple)):
+            named = [("", value, f"inputs[{i}]") for i, value in enumerate(inputs)]
+        else:
+            named = [("", inputs, "inputs")]
+        if not named:
+            raise ValueError(
+                "Received no inputs, expected one array per model input (an array, a list "
+                "of arrays in positional order, or a dict keyed by input name)."
+            )
+        request = model_service_pb2.PredictRequest(
+            model_id=model_id,
+            output_layers=(output_layers,) if isinstance(output_layers, str) else output_layers,
+        )
+        for name, value, label in named:
+            try:
+                tensor = _wire.tensor_to_proto(np.asarray(value))
+            except ValueError as exc:
+                raise ValueError(f"Received an unsupported array for {label}: {exc}") from None
+            request.inputs.append(tensor_pb2.NamedTensor(name=name, tensor=tensor))
+        return request
+
+    @staticmethod
+    def _predict_result(response: model_service_pb2.PredictResponse) -> PredictResult:
+        def decode(tensors: Sequence[tensor_pb2.NamedTensor], kind: str) -> dict[str, np.ndarray]:
+            arrays: dict[str, np.ndarray] = {}
+            for i, named in enumerate(tensors):
+                try:
+                    arrays[named.name or f"{kind}_{i}"] = _wire.tensor_from_proto(named.tensor)
+                except ValueError as exc:
+                    raise _malformed(f"Predict {kind} {named.name or i!r}", exc) from exc
+            return arrays
+
+        return PredictResult(
+            outputs=decode(response.outputs, "output"),
+            layer_outputs=decode(response.layer_outputs, "layer_output"),
+            revision=response.revision,
+        )
+
+    # --- WeightService requests ---------------------------------------------
+
+    @staticmethod
+    def _selector_proto(
+        selector: SelectorLike | None,
+    ) -> weight_service_pb2.VariableSelector | None:
+        if selector is None:
+            return None
+        if isinstance(selector, weight_service_pb2.VariableSelector):
+            return selector
+        if isinstance(selector, Selector):
+            return selector.to_proto()
+        if isinstance(selector, str) or (
+            isinstance(selector, Sequence) and all(isinstance(p, str) for p in selector)
+        ):
+            return Selector(patterns=selector).to_proto()
+        raise TypeError(
+            f"Received an invalid `selector`, expected a Selector, a glob string or a list of "
+            f"glob strings. Received: {selector!r}"
+        )
+
+    def _read_weights_request(
+        self,
+        model_id: str,
+        selector: SelectorLike | None,
+        revision: int,
+        chunk_size_bytes: int,
+    ) -> weight_service_pb2.ReadWeightsRequest:
+        return weight_service_pb2.ReadWeightsRequest(
+            model_id=model_id,
+            selector=self._selector_proto(selector),
+            revision=_check_int("revision", revision, 0),
+            chunk_size_bytes=_check_weight_chunk_size(chunk_size_bytes),
+        )
+
+    @staticmethod
+    def _write_weights_messages(
+        model_id: str,
+        weights: Mapping[str, np.ndarray],
+        *,
+        expected_revision: int | None,
+        message: str,
+        allow_non_finite: bool,
+        chunk_size_bytes: int,
+    ) -> Iterator[WriteWeightsMessage]:
+        """Return the WriteWeights stream: the header, then pre-encoded chunks.
+
+        Everything is validated before the first message is produced: an error
+        raised inside a request iterator would only cancel the call.
+        """
+        if not isinstance(weights, Mapping):
+            raise TypeError(
+                f"Received an invalid `weights`, expected a mapping of variable path to "
+                f"array. Received: {type(weights).__name__}"
+            )
+        if not weights:
+            raise ValueError(
+                "Received no weights, expected at least one `{path: array}` entry to write."
+            )
+        chunk_bytes = _check_weight_chunk_size(chunk_size_bytes) or _wire.DEFAULT_CHUNK_BYTES
+        arrays: list[tuple[str, np.ndarray]] = []
+        for name, value in weights.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(
+                    f"Received an invalid variable path, expected a non-empty string such as "
+                    f"'dense_1/kernel'. Received: {name!r}"
+                )
+            array = np.asarray(value)
+            try:
+                _wire.wire_dtype(array.dtype)
+            except ValueError as exc:
+                raise ValueError(f"Received an unsupported array for {name!r}: {exc}") from None
+            arrays.append((name, array))
+        header = weight_service_pb2.WriteWeightsHeader(
+            model_id=model_id, message=message, allow_non_finite=bool(allow_non_finite)
+        )
+        if expected_revision is not None:
+            header.expected_revision = _check_int("expected_revision", expected_revision, 1)
+
+        def messages() -> Iterator[WriteWeightsMessage]:
+            yield weight_service_pb2.WriteWeightsRequest(header=header)
+            for name, array in arrays:
+                for fields in _wire.iter_tensor_chunks(name, array, chunk_bytes):
+                    yield _wire.encode_chunk(2, *fields)
+
+        return messages()
+
+    @staticmethod
+    def _upload_data_messages(
+        data: bytes, chunk_size_bytes: int
+    ) -> Iterator[model_service_pb2.UploadModelRequest]:
+        for start in range(0, len(data), chunk_size_bytes):
+            yield model_service_pb2.UploadModelRequest(chunk=data[start : start + chunk_size_bytes])
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> bool: ...
+
+
+@contextmanager
+def cancel_on_error(call: _Cancellable) -> Iterator[None]:
+    """Cancel a streaming call when the block raises, so it stops at once."""
+    try:
+        yield
+    except BaseException:
+        call.cancel()
+        raise

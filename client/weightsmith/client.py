@@ -1,0 +1,560 @@
+"""The synchronous client: `Client`.
+
+`AsyncClient` (in `_async_client`) is its twin with the same methods as
+coroutines; everything that does no I/O lives in `_base._BaseClient`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from weightsmith._base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    DEFAULT_UPLOAD_CHUNK_BYTES,
+    READ_WEIGHTS_METHOD,
+    WRITE_WEIGHTS_METHOD,
+    ChannelOptions,
+    ExportReceiver,
+    PredictInputs,
+    SelectorLike,
+    WeightsReader,
+    _BaseClient,
+    cancel_on_error,
+    parse_read_weights_response,
+    partial_path,
+    serialize_write_weights_request,
+)
+from weightsmith._types import PredictResult
+from weightsmith.errors import translate_errors
+from weightsmith.v1 import (
+    model_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    weight_service_pb2,
+    weight_service_pb2_grpc,
+)
+
+
+class Client(_BaseClient):
+    """A blocking client of a weightsmith server.
+
+    Holds one gRPC channel; use it as a context manager or call `close()`.
+    Safe to share between threads. Every failure raises a
+    `weightsmith.WeightsmithError` subclass, one per gRPC status code.
+
+    Reads (`get_model`, `list_models`, `predict`, `server_info`,
+    `read_weights`, `list_revisions`, `get_revision`) are retried on
+    UNAVAILABLE with exponential backoff; mutations are never retried.
+
+    Args:
+        target: The server address, `host:port` or any gRPC target URI.
+        timeout: Deadline in seconds of each unary call; None for none.
+        stream_timeout: Deadline in seconds of each streaming call (uploads,
+            exports, weight reads and writes); None (the default) for none.
+        author: Recorded as the author of every revision this client
+            commits (the `weightsmith-author` metadata); defaults to
+            `user@hostname`. Printable ASCII.
+        max_message_bytes: Largest message sent or received, in bytes.
+        credentials: TLS credentials (`grpc.ssl_channel_credentials()`);
+            None for a plaintext channel.
+        options: Extra gRPC channel options as `(key, value)` pairs; they
+            override the client's own.
+
+    Example:
+
+    ```python
+    import numpy as np
+    import weightsmith
+
+    with weightsmith.Client("127.0.0.1:50051") as client:
+        model = client.create_model("mnv2", architecture="MobileNetV2",
+                                    input_shape=[96, 96, 3], classes=10, seed=0)
+        kernels = client.read_weights("mnv2", "*/kernel")
+        print(model.revision, len(kernels))
+    ```
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        stream_timeout: float | None = None,
+        author: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: ChannelOptions = (),
+    ) -> None:
+        super().__init__(
+            target,
+            timeout=timeout,
+            stream_timeout=stream_timeout,
+            author=author,
+            max_message_bytes=max_message_bytes,
+            credentials=credentials,
+            options=options,
+        )
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=self._channel_options)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._weights = weight_service_pb2_grpc.WeightServiceStub(self._channel)
+        self._read_weights_call = self._channel.unary_stream(
+            READ_WEIGHTS_METHOD,
+            request_serializer=weight_service_pb2.ReadWeightsRequest.SerializeToString,
+            response_deserializer=parse_read_weights_response,
+        )
+        self._write_weights_call = self._channel.stream_unary(
+            WRITE_WEIGHTS_METHOD,
+            request_serializer=serialize_write_weights_request,
+            response_deserializer=weight_service_pb2.WriteWeightsResponse.FromString,
+        )
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- models ---------------------------------------------------------------
+
+    def create_model(
+        self,
+        model_id: str = "",
+        *,
+        architecture: str | None = None,
+        include_top: bool | None = None,
+        input_shape: Sequence[int] | None = None,
+        classes: int = 0,
+        pooling: str | None = None,
+        weights_file: str = "",
+        classifier_activation: str = "",
+        keras_config: str | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        message: str = "",
+    ) -> model_pb2.Model:
+        """Create a model and commit it as revision 1.
+
+        Give exactly one of `architecture` (a `keras.applications` constructor
+        name, built without downloading weights) or `keras_config` (the JSON
+        of `model.to_json()`, or its dict; builtin layers only). The other
+        options apply to `architecture` only.
+
+        Args:
+            model_id: The new id, matching `[a-z0-9][a-z0-9-]{0,62}`; the
+                server picks one when empty.
+            architecture: A catalog name such as `"ResNet50"`.
+            include_top: Whether to keep the classifier on top; the
+                architecture's default (True) when None.
+            input_shape: Input shape without the batch dimension.
+            classes: Number of classes of the top classifier; 0 for the default.
+            pooling: `"avg"` or `"max"` global pooling without the top.
+            weights_file: A weights file under the server store's `imports/`.
+            classifier_activation: Activation of the top layer, e.g. `"linear"`.
+            keras_config: A Keras model config, as a JSON string or a dict.
+            seed: Initialization seed; the same seed gives identical weights.
+            message: Recorded on revision 1.
+
+        Returns:
+            The created `Model`.
+
+        Example:
+
+        ```python
+        model = client.create_model("tiny", architecture="MobileNetV3Small",
+                                    input_shape=[64, 64, 3], classes=5, seed=1)
+        ```
+        """
+        request = self._create_model_request(
+            model_id,
+            architecture=architecture,
+            include_top=include_top,
+            input_shape=input_shape,
+            classes=classes,
+            pooling=pooling,
+            weights_file=weights_file,
+            classifier_activation=classifier_activation,
+            keras_config=keras_config,
+            seed=seed,
+            message=message,
+        )
+        with translate_errors():
+            response = self._models.CreateModel(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        return response.model
+
+    def upload_model(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        model_id: str = "",
+        *,
+        message: str = "",
+        chunk_size_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+    ) -> model_pb2.Model:
+        """Upload a `.keras` file as a new model at revision 1.
+
+        The server loads it in Keras safe mode; a file that would run code is
+        refused with `InvalidArgumentError`.
+
+        Args:
+            source: The file's path, or its bytes.
+            model_id: The new id; the server picks one when empty.
+            message: Recorded on revision 1.
+            chunk_size_bytes: Bytes per streamed message.
+
+        Returns:
+            The uploaded `Model`.
+
+        Example:
+
+        ```python
+        model = client.upload_model("classifier.keras", "classifier")
+        ```
+        """
+        upload = self._upload_source(source)
+        chunk_size = self._upload_chunk_size(chunk_size_bytes)
+        header = self._upload_header(model_id, upload, message)
+
+        def requests() -> Iterator[model_service_pb2.UploadModelRequest]:
+            yield header
+            if upload.path is None:
+                yield from self._upload_data_messages(upload.data, chunk_size)
+                return
+            with upload.path.open("rb") as file:
+                while block := file.read(chunk_size):
+                    yield model_service_pb2.UploadModelRequest(chunk=block)
+
+        with translate_errors():
+            response = self._models.UploadModel(
+                requests(), timeout=self._stream_timeout, metadata=self._metadata
+            )
+        return response.model
+
+    def get_model(self, model_id: str) -> model_pb2.Model:
+        """Return a model's description: revision, layers, variables, device.
+
+        Args:
+            model_id: The model's id.
+
+        Returns:
+            The `Model`.
+        """
+        request = model_service_pb2.GetModelRequest(model_id=model_id)
+        with translate_errors():
+            response = self._models.GetModel(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        return response.model
+
+    def list_models(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> model_service_pb2.ListModelsResponse:
+        """Return one page of models, ordered by id.
+
+        Args:
+            page_size: Most models to return, 1 to 1000; 0 for the server's 100.
+            page_token: `next_page_token` of the previous page; "" for the first.
+
+        Returns:
+            The page: `models` and `next_page_token` ("" on the last page).
+        """
+        request = model_service_pb2.ListModelsRequest(page_size=page_size, page_token=page_token)
+        with translate_errors():
+            return self._models.ListModels(request, timeout=self._timeout, metadata=self._metadata)
+
+    def iter_models(self, *, page_size: int = 0) -> Iterator[model_pb2.Model]:
+        """Yield every model, ordered by id, fetching pages as needed.
+
+        Args:
+            page_size: Models per page; 0 for the server's default.
+
+        Returns:
+            An iterator of `Model`s.
+
+        Example:
+
+        ```python
+        ids = [model.model_id for model in client.iter_models()]
+        ```
+        """
+        page_token = ""
+        while True:
+            page = self.list_models(page_size=page_size, page_token=page_token)
+            yield from page.models
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    def delete_model(self, model_id: str) -> None:
+        """Delete a model and its whole history.
+
+        Args:
+            model_id: The model's id.
+        """
+        request = model_service_pb2.DeleteModelRequest(model_id=model_id)
+        with translate_errors():
+            self._models.DeleteModel(request, timeout=self._timeout, metadata=self._metadata)
+
+    def export_model(
+        self,
+        model_id: str,
+        *,
+        revision: int = 0,
+        format: str = "keras",
+        path: str | os.PathLike[str] | None = None,
+    ) -> bytes | pathlib.Path:
+        """Download a model as a `.keras` file or a SavedModel tar archive.
+
+        With `path`, the file is written next to it under a temporary name
+        and renamed into place once every byte arrived, so `path` never holds
+        a partial export.
+
+        Args:
+            model_id: The model's id.
+            revision: The revision to export; 0 for the current one.
+            format: `"keras"` or `"saved_model"`.
+            path: Where to write the file; None to return its bytes.
+
+        Returns:
+            The file's bytes, or `path` as a `pathlib.Path`.
+
+        Example:
+
+        ```python
+        client.export_model("tiny", path="tiny.keras")
+        ```
+        """
+        request = self._export_request(model_id, revision, format)
+        receiver = ExportReceiver()
+        with translate_errors():
+            call = self._models.ExportModel(
+                request, timeout=self._stream_timeout, metadata=self._metadata
+            )
+            with cancel_on_error(call):
+                if path is None:
+                    parts = [receiver.add(response) for response in call]
+                    receiver.finish()
+                    return b"".join(parts)
+                destination = pathlib.Path(path)
+                partial = partial_path(destination)
+                try:
+                    with partial.open("wb") as file:
+                        for response in call:
+                            file.write(receiver.add(response))
+                    receiver.finish()
+                    os.replace(partial, destination)
+                finally:
+                    partial.unlink(missing_ok=True)
+                return destination
+
+    def predict(
+        self,
+        model_id: str,
+        inputs: PredictInputs,
+        *,
+        output_layers: Sequence[str] = (),
+    ) -> PredictResult:
+        """Run the model on a batch, from its last committed revision.
+
+        Args:
+            model_id: The model's id.
+            inputs: One array per model input, batch dimension first: an
+                array (single-input models), a list or tuple in positional
+                order, or a dict keyed by input name. Dtypes must match the
+                model's inputs (usually float32: mind that `np.asarray` of
+                Python floats gives float64).
+            output_layers: Names of layers whose outputs to return as well.
+
+        Returns:
+            A `PredictResult` with `outputs`, `layer_outputs` and `revision`.
+
+        Example:
+
+        ```python
+        batch = np.zeros((2, 64, 64, 3), np.float32)
+        probabilities = client.predict("tiny", batch).output
+        ```
+        """
+        request = self._predict_request(model_id, inputs, output_layers)
+        with translate_errors():
+            response = self._models.Predict(request, timeout=self._timeout, metadata=self._metadata)
+        return self._predict_result(response)
+
+    def server_info(self) -> model_service_pb2.GetServerInfoResponse:
+        """Return the server's versions, devices, limits and catalog names."""
+        request = model_service_pb2.GetServerInfoRequest()
+        with translate_errors():
+            return self._models.GetServerInfo(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+
+    # --- weights --------------------------------------------------------------
+
+    def read_weights(
+        self,
+        model_id: str,
+        selector: SelectorLike | None = None,
+        *,
+        revision: int = 0,
+        chunk_size_bytes: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Read variables of a model.
+
+        Args:
+            model_id: The model's id.
+            selector: Which variables: a `Selector`, a glob over variable
+                paths (`"dense*/kernel"`), or a list of globs; all when None.
+            revision: The revision to read; 0 for the current one.
+            chunk_size_bytes: Streamed chunk size, 65536 to 4194304; 0 for
+                the server's default.
+
+        Returns:
+            Arrays keyed by variable path, in the model's order.
+
+        Example:
+
+        ```python
+        weights = client.read_weights("tiny", weightsmith.Selector(layers=["predictions"]))
+        kernel = weights["predictions/kernel"]
+        ```
+        """
+        request = self._read_weights_request(model_id, selector, revision, chunk_size_bytes)
+        reader = WeightsReader()
+        with translate_errors():
+            call = self._read_weights_call(
+                request, timeout=self._stream_timeout, metadata=self._metadata
+            )
+            with cancel_on_error(call):
+                for message in call:
+                    reader.add(message)
+        return reader.finish()
+
+    def write_weights(
+        self,
+        model_id: str,
+        weights: Mapping[str, np.ndarray],
+        *,
+        expected_revision: int | None = None,
+        message: str = "",
+        allow_non_finite: bool = False,
+        chunk_size_bytes: int = 0,
+    ) -> weight_service_pb2.Revision:
+        """Overwrite variables, committed atomically as one new revision.
+
+        Each array must have its variable's exact shape and dtype. Nothing
+        changes unless the whole stream arrives.
+
+        Args:
+            model_id: The model's id.
+            weights: Arrays keyed by variable path (any subset of variables).
+            expected_revision: Commit only if the model is still at this
+                revision, else raise `AbortedError`; None to write regardless.
+            message: Recorded on the new revision.
+            allow_non_finite: Accept NaN and infinities (refused by default).
+            chunk_size_bytes: Streamed chunk size, 65536 to 4194304; 0 for
+                2 MiB.
+
+        Returns:
+            The committed `Revision`.
+
+        Example:
+
+        ```python
+        weights = client.read_weights("tiny", "predictions/*")
+        weights = {path: array * 0.5 for path, array in weights.items()}
+        revision = client.write_weights("tiny", weights, message="halve the head")
+        ```
+        """
+        requests = self._write_weights_messages(
+            model_id,
+            weights,
+            expected_revision=expected_revision,
+            message=message,
+            allow_non_finite=allow_non_finite,
+            chunk_size_bytes=chunk_size_bytes,
+        )
+        with translate_errors():
+            response = self._write_weights_call(
+                requests, timeout=self._stream_timeout, metadata=self._metadata
+            )
+        return response.revision
+
+    # --- revisions ------------------------------------------------------------
+
+    def list_revisions(
+        self, model_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> weight_service_pb2.ListRevisionsResponse:
+        """Return one page of a model's revisions, newest first.
+
+        Args:
+            model_id: The model's id.
+            page_size: Most revisions to return, 1 to 1000; 0 for the server's 100.
+            page_token: `next_page_token` of the previous page; "" for the first.
+
+        Returns:
+            The page: `revisions` and `next_page_token` ("" on the last page).
+        """
+        request = weight_service_pb2.ListRevisionsRequest(
+            model_id=model_id, page_size=page_size, page_token=page_token
+        )
+        with translate_errors():
+            return self._weights.ListRevisions(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+
+    def iter_revisions(
+        self, model_id: str, *, page_size: int = 0
+    ) -> Iterator[weight_service_pb2.Revision]:
+        """Yield every revision of a model, newest first, fetching pages as needed.
+
+        Args:
+            model_id: The model's id.
+            page_size: Revisions per page; 0 for the server's default.
+
+        Returns:
+            An iterator of `Revision`s.
+        """
+        page_token = ""
+        while True:
+            page = self.list_revisions(model_id, page_size=page_size, page_token=page_token)
+            yield from page.revisions
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    def get_revision(self, model_id: str, revision: int) -> weight_service_pb2.Revision:
+        """Return one revision of a model.
+
+        Args:
+            model_id: The model's id.
+            revision: The revision number, at least 1.
+
+        Returns:
+            The `Revision`.
+        """
+        request = weight_service_pb2.GetRevisionRequest(model_id=model_id, revision=revision)
+        with translate_errors():
+            response = self._weights.GetRevision(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        return response.revision

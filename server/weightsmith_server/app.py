@@ -1,0 +1,127 @@
+"""Start-up, wiring and shutdown of the gRPC server.
+
+`create_server(config)` returns a started server (tests bind port 0 and read
+the port back); `main()` is the `weightsmith-server` command, which also
+installs signal handlers for a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from weightsmith.v1 import model_service_pb2, model_service_pb2_grpc, weight_service_pb2
+from weightsmith_server import logs, metrics
+from weightsmith_server.api import weight_servicer
+from weightsmith_server.api.interceptors import ErrorInterceptor
+from weightsmith_server.api.model_servicer import ModelServicer
+from weightsmith_server.config import Config, parse_config
+from weightsmith_server.devices import Devices
+from weightsmith_server.registry import Registry
+from weightsmith_server.store import Store
+
+log = logging.getLogger("weightsmith_server")
+
+SERVICE_NAMES = (
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    weight_service_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    """A started server and what a caller may need from it."""
+
+    server: grpc.aio.Server
+    port: int
+    registry: Registry
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting calls, let in-flight ones finish within `grace`, release."""
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _server_options(config: Config) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Watch and weight streams can be long: keep idle connections alive.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def create_server(config: Config) -> RunningServer:
+    """Build, bind and start the server, restore the store, then report SERVING.
+
+    Health stays NOT_SERVING until every stored model is resident again.
+    """
+    store = Store(config.store)
+    devices = Devices(config.device)
+    executor = ThreadPoolExecutor(config.workers, thread_name_prefix="weightsmith-work")
+    registry = Registry(store, devices, executor, config.max_upload_bytes)
+
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_server_options(config))
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry, config), server)
+    weight_servicer.add_to_server(weight_servicer.WeightServicer(registry, config.chunk_bytes), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(config.address)
+    await server.start()
+    await registry.restore()
+    metrics.RESIDENT_MODELS.set_function(lambda: len(registry.models()))
+    metrics.RESIDENT_BYTES.set_function(lambda: sum(registry.resident_bytes().values()))
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = config.address.rpartition(":")[0]
+    log.info("weightsmith serving on %s:%d (store %s)", host, port, store.root)
+    return RunningServer(server, port, registry, health_servicer, executor)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    running = await create_server(config)
+    if config.metrics_address:
+        metrics.serve(config.metrics_address)
+        log.info("metrics on http://%s/metrics", config.metrics_address)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: finishing in-flight calls (up to %.0fs)", config.grace_seconds)
+    await running.stop(config.grace_seconds)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `weightsmith-server` command."""
+    config = parse_config(argv)
+    logs.configure(config.log_format, config.log_level)
+    asyncio.run(serve(config))

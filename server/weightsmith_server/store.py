@@ -1,0 +1,345 @@
+"""The durable store: plain files a person can read, committed by atomic renames.
+
+Layout under the store root::
+
+    imports/                       weight files users drop in for CreateModel
+    tmp/                           staging; emptied at start-up
+    models/<model_id>/
+        model.json                 identity: architecture name, source, time
+        revisions/<NNNNNN>/        one folder per committed revision
+            revision.json          author, time, message, kind, what changed
+            manifest.json          every variable: path, dtype, shape, file
+            architecture.json      the Keras model config, when it changed
+            tensors/<iiii>.npy     the values this revision wrote
+
+A manifest names, for every variable, the `.npy` file holding its value, which
+may belong to an earlier revision: a revision stores only what it changed,
+yet any revision restores exactly from its own manifest alone.
+
+Commit protocol: everything is written and fsync'd in a staging folder, which
+is then renamed to its final name and the parent folder fsync'd. A crash at
+any point leaves either the old state or the new one, never a mix; staging
+leftovers are removed at start-up. The latest revision is the highest
+committed folder, so there is no separate pointer to keep in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from weightsmith_server.variables import VariableEntry
+
+_LAYOUT_VERSION = "1"
+_STAGING_PREFIX = ".staging-"
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a stored dtype name (`float32`, `bfloat16`, ...)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype written into `.npy` files: numpy-native types only."""
+    return dtype if dtype.kind in "fiub" and dtype.name != "bfloat16" else np.dtype(f"<u{dtype.itemsize}")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder, so that its content or entries are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON and fsync it; callers fsync the folder once all files are in."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@dataclass(frozen=True)
+class VariableRecord:
+    """A manifest entry: one variable's identity and the file holding its value."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    layer: str
+    layer_index: int
+    trainable: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+    @property
+    def entry(self) -> VariableEntry:
+        return VariableEntry(self.path, self.layer, self.layer_index, self.trainable)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Every variable of one revision, in model order, and the layer count."""
+
+    layer_count: int
+    variables: tuple[VariableRecord, ...]
+
+    def by_path(self) -> dict[str, VariableRecord]:
+        return {v.path: v for v in self.variables}
+
+
+@dataclass(frozen=True)
+class RevisionRecord:
+    """What `revision.json` holds."""
+
+    model_id: str
+    revision: int
+    create_time: str
+    author: str
+    message: str
+    kind: str
+    summary: str
+    architecture_changed: bool
+    architecture_revision: int
+    stored_bytes: int
+    changed_variables: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What `model.json` holds."""
+
+    model_id: str
+    architecture: str
+    source: str
+    create_time: str
+
+
+class TensorFileWriter:
+    """Streams one tensor's bytes into a staged `.npy` file, in order."""
+
+    def __init__(self, handle: BinaryIO, record: VariableRecord) -> None:
+        self._handle = handle
+        self.record = record
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._handle.write(data)
+
+    def close(self) -> None:
+        """Flush, fsync and close: the bytes are durable once this returns."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+    def discard(self) -> None:
+        self._handle.close()
+
+
+class StagedRevision:
+    """A revision being written; invisible until `commit` renames it into place."""
+
+    def __init__(self, revisions_dir: Path) -> None:
+        self._revisions_dir = revisions_dir
+        self.dir = revisions_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        (self.dir / "tensors").mkdir(parents=True)
+        self._count = 0
+        self.stored_bytes = 0
+
+    def _next_file(self) -> str:
+        name = f"tensors/{self._count:04d}.npy"
+        self._count += 1
+        return name
+
+    def open_tensor(self, entry: VariableEntry, dtype: np.dtype, shape: tuple[int, ...]) -> TensorFileWriter:
+        """Start a `.npy` file for a variable; the caller writes exactly its bytes."""
+        relative = self._next_file()
+        handle = open(self.dir / relative, "wb")  # noqa: SIM115 (owned by the TensorFileWriter)
+        np.lib.format.write_array_header_1_0(
+            handle,
+            {
+                "descr": np.lib.format.dtype_to_descr(_storage_dtype(dtype)),
+                "fortran_order": False,
+                "shape": tuple(shape),
+            },
+        )
+        record = VariableRecord(
+            path=entry.path,
+            dtype=dtype.name,
+            shape=tuple(shape),
+            file=relative,
+            layer=entry.layer,
+            layer_index=entry.layer_index,
+            trainable=entry.trainable,
+        )
+        self.stored_bytes += record.nbytes
+        return TensorFileWriter(handle, record)
+
+    def add_tensor(self, entry: VariableEntry, array: np.ndarray) -> VariableRecord:
+        """Write a whole array durably and return its (staged) manifest entry."""
+        array = np.ascontiguousarray(array)
+        writer = self.open_tensor(entry, array.dtype, array.shape)
+        if array.size:
+            writer.write(memoryview(array.reshape(-1).view(np.uint8)))
+        writer.close()
+        return writer.record
+
+    def commit(
+        self,
+        record: RevisionRecord,
+        manifest: Manifest,
+        architecture_json: str | None,
+    ) -> Path:
+        """Make the revision durable and visible under its number.
+
+        `manifest` mixes entries of earlier revisions (their `file` already
+        `NNNNNN/...`) and entries staged here (`tensors/...`), which get this
+        revision's folder prefixed.
+        """
+        folder = f"{record.revision:06d}"
+        entries = [
+            asdict(v) | {"file": f"{folder}/{v.file}" if v.file.startswith("tensors/") else v.file}
+            for v in manifest.variables
+        ]
+        write_json(self.dir / "manifest.json", {"layer_count": manifest.layer_count, "variables": entries})
+        if architecture_json is not None:
+            with open(self.dir / "architecture.json", "w", encoding="utf-8") as handle:
+                handle.write(architecture_json)
+                handle.flush()
+                os.fsync(handle.fileno())
+        write_json(self.dir / "revision.json", asdict(record))
+        fsync_path(self.dir / "tensors")
+        fsync_path(self.dir)
+        final = self._revisions_dir / folder
+        os.rename(self.dir, final)
+        fsync_path(self._revisions_dir)
+        return final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Store:
+    """The files of every model, revision and tensor under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.models_dir = self.root / "models"
+        self.imports_dir = self.root / "imports"
+        self.tmp_dir = self.root / "tmp"
+        for folder in (self.models_dir, self.imports_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        version_file = self.root / "LAYOUT_VERSION"
+        if not version_file.exists():
+            version_file.write_text(_LAYOUT_VERSION + "\n")
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Drop what a crash left half-written: it was never acknowledged."""
+        for entry in self.tmp_dir.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+        for model_dir in self.models_dir.iterdir():
+            revisions = model_dir / "revisions"
+            if revisions.is_dir():
+                for entry in revisions.iterdir():
+                    if entry.name.startswith(_STAGING_PREFIX):
+                        shutil.rmtree(entry, ignore_errors=True)
+
+    # --- reading -------------------------------------------------------------
+
+    def model_dir(self, model_id: str) -> Path:
+        return self.models_dir / model_id
+
+    def model_ids(self) -> list[str]:
+        """Ids of all committed models, sorted."""
+        return sorted(p.name for p in self.models_dir.iterdir() if (p / "model.json").is_file())
+
+    def read_model(self, model_id: str) -> ModelRecord:
+        return ModelRecord(**read_json(self.model_dir(model_id) / "model.json"))
+
+    def revision_numbers(self, model_id: str) -> list[int]:
+        """Committed revision numbers of a model, ascending."""
+        revisions = self.model_dir(model_id) / "revisions"
+        return sorted(int(p.name) for p in revisions.iterdir() if p.name.isdigit())
+
+    def _revision_dir(self, model_id: str, revision: int) -> Path:
+        return self.model_dir(model_id) / "revisions" / f"{revision:06d}"
+
+    def has_revision(self, model_id: str, revision: int) -> bool:
+        return (self._revision_dir(model_id, revision) / "revision.json").is_file()
+
+    def read_revision(self, model_id: str, revision: int) -> RevisionRecord:
+        raw = read_json(self._revision_dir(model_id, revision) / "revision.json")
+        return RevisionRecord(**raw)
+
+    def read_manifest(self, model_id: str, revision: int) -> Manifest:
+        raw = read_json(self._revision_dir(model_id, revision) / "manifest.json")
+        return Manifest(
+            layer_count=raw["layer_count"],
+            variables=tuple(VariableRecord(**v | {"shape": tuple(v["shape"])}) for v in raw["variables"]),
+        )
+
+    def read_architecture(self, model_id: str, revision: int) -> str:
+        """The Keras config JSON in force at `revision`."""
+        record = self.read_revision(model_id, revision)
+        path = self._revision_dir(model_id, record.architecture_revision) / "architecture.json"
+        return path.read_text(encoding="utf-8")
+
+    def load_tensor(self, model_id: str, record: VariableRecord) -> np.ndarray:
+        """A read-only, memory-mapped view of a stored value."""
+        path = self.model_dir(model_id) / "revisions" / record.file
+        array = np.load(path, mmap_mode="r") if record.nbytes else np.load(path)
+        wanted = numpy_dtype(record.dtype)
+        return array if array.dtype == wanted else array.view(wanted)
+
+    # --- writing -------------------------------------------------------------
+
+    def stage_revision(self, model_id: str) -> StagedRevision:
+        """Start a new revision of an existing model."""
+        return StagedRevision(self.model_dir(model_id) / "revisions")
+
+    def stage_model(self) -> tuple[Path, StagedRevision]:
+        """Start a new model in `tmp/`; returns its folder and its revision 1."""
+        folder = self.tmp_dir / uuid.uuid4().hex
+        (folder / "revisions").mkdir(parents=True)
+        return folder, StagedRevision(folder / "revisions")
+
+    def commit_model(self, folder: Path, record: ModelRecord) -> None:
+        """Move a staged model (revision 1 committed inside) to its final place."""
+        write_json(folder / "model.json", asdict(record))
+        fsync_path(folder)
+        os.rename(folder, self.model_dir(record.model_id))
+        fsync_path(self.models_dir)
+
+    def delete_model(self, model_id: str) -> None:
+        """Remove a model durably: one rename out of `models/`, then the files."""
+        trash = self.tmp_dir / f"deleted-{model_id}-{uuid.uuid4().hex}"
+        os.rename(self.model_dir(model_id), trash)
+        fsync_path(self.models_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def resolve_import(self, relative: str) -> Path | None:
+        """A path under `imports/`, or None when it would escape that folder."""
+        candidate = (self.imports_dir / relative).resolve()
+        return candidate if candidate.is_relative_to(self.imports_dir) else None

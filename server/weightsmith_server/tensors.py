@@ -1,0 +1,72 @@
+"""Tensors between the wire and numpy, with errors that name the field.
+
+Wraps the client's codec (`weightsmith._wire`), which both ends share, and
+turns its `ValueError`s into `InvalidArgument`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from weightsmith import _wire
+from weightsmith.v1 import tensor_pb2, weight_service_pb2
+from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.store import numpy_dtype
+
+
+def numpy_dtype_for(dtype: int, *, field: str) -> np.dtype:
+    """The numpy dtype of a wire `DataType`, or `InvalidArgument` on `field`."""
+    try:
+        return _wire.numpy_dtype(dtype)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), reason="INVALID_DTYPE", field=field) from exc
+
+
+def wire_dtype(name: str) -> int:
+    """The wire `DataType` of a stored or Keras dtype name (`float32`, ...)."""
+    return _wire.wire_dtype(numpy_dtype(name))
+
+
+def decode_tensor(tensor: tensor_pb2.Tensor, *, field: str) -> np.ndarray:
+    """A `Tensor` message as a read-only array, validated."""
+    try:
+        return _wire.tensor_from_proto(tensor)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), reason="INVALID_TENSOR", field=field) from exc
+
+
+def encode_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
+    return _wire.tensor_to_proto(array)
+
+
+def encode_read_chunks(path: str, array: np.ndarray, chunk_bytes: int, revision: int) -> Iterator[bytes]:
+    """Serialized `ReadWeightsResponse`s for one tensor: one copy of its bytes."""
+    trailer = _wire.varint_field(2, revision)
+    for name, dtype, shape, offset, data in _wire.iter_tensor_chunks(path, array, chunk_bytes):
+        yield _wire.encode_chunk(1, name, dtype, shape, offset, data, trailer)
+
+
+def serialize_read_response(message: bytes | weight_service_pb2.ReadWeightsResponse) -> bytes:
+    """Response serializer that passes pre-encoded chunks through untouched."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def parse_write_request(data: bytes) -> _wire.ChunkView | weight_service_pb2.WriteWeightsRequest:
+    """Request deserializer: chunks as zero-copy views, the header as a message.
+
+    A malformed message becomes a `WriteWeightsRequest` with no payload, which
+    the stream handling rejects with a clear error.
+    """
+    try:
+        chunk, _ = _wire.parse_chunk_field(data, 2)
+    except ValueError:
+        return weight_service_pb2.WriteWeightsRequest()
+    if chunk is not None:
+        return chunk
+    try:
+        return weight_service_pb2.WriteWeightsRequest.FromString(data)
+    except DecodeError:
+        return weight_service_pb2.WriteWeightsRequest()
