@@ -1,7 +1,7 @@
 """The README quickstart as a program: create, read, write back scaled, predict.
 
-    python examples/quickstart.py                  # against a server on 127.0.0.1:50051
-    python examples/quickstart.py --spawn-server   # starts one on a free port first
+python examples/quickstart.py                  # against a server on 127.0.0.1:50051
+python examples/quickstart.py --spawn-server   # starts one on a free port first
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def run(target: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", default="127.0.0.1:50051")
     parser.add_argument("--spawn-server", action="store_true", help="start a server on a free port first")
     args = parser.parse_args()

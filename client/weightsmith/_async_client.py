@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from weightsmith._base import (
+    COPIER,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -498,7 +499,8 @@ class AsyncClient(_BaseClient):
             with cancel_on_error(call):
                 async for message in call:
                     reader.add(message)
-        return reader.finish()
+        # Queued behind the chunk copies, so it waits for none of them.
+        return await asyncio.wrap_future(COPIER.submit(reader.finish))
 
     async def write_weights(
         self,

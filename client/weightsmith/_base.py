@@ -14,6 +14,7 @@ import os
 import pathlib
 import socket
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeAlias
@@ -173,11 +174,15 @@ def serialize_write_weights_request(message: WriteWeightsMessage) -> bytes:
     return message.SerializeToString()
 
 
+# Copies received chunks into their arrays while the stream goes on receiving.
+COPIER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-copy")
+
+
 class WeightsReader:
     """Assembles a ReadWeights stream into arrays, in stream (model) order."""
 
     def __init__(self) -> None:
-        self._assembler = _wire.TensorAssembler()
+        self._assembler = _wire.TensorAssembler(COPIER)
         self.revision: int | None = None
 
     def add(self, message: ReadWeightsMessage | None) -> None:

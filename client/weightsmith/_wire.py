@@ -14,6 +14,7 @@ Used by the client and by the server, so that both ends share one codec.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -295,18 +296,29 @@ def iter_tensor_chunks(
         offset = end
 
 
+def _copy_into(target: np.ndarray, data: memoryview) -> None:
+    # numpy releases the GIL for a large copy, so it overlaps with receiving.
+    np.copyto(target, np.frombuffer(data, dtype=np.uint8))
+
+
 class TensorAssembler:
     """Rebuilds tensors from a chunk stream into preallocated arrays.
 
     Checks what the protocol promises: a tensor's first chunk names it, chunks
     continue it in order without gaps or overlaps, and it is complete before
     the next begins. Raises `ValueError` naming the problem otherwise.
+
+    With a `copier` executor the byte copies run there, so that the thread
+    receiving the stream is never held up by them; `finish` waits for them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, copier: Executor | None = None) -> None:
         self.tensors: dict[str, np.ndarray] = {}
+        self._copier = copier
+        self._pending: list[Future[None]] = []
         self._current: str | None = None
         self._buffer: memoryview | None = None
+        self._target: np.ndarray | None = None
         self._filled = 0
 
     def add(self, chunk: ChunkView) -> None:
@@ -322,6 +334,7 @@ class TensorAssembler:
             self.tensors[chunk.name] = array
             self._current = chunk.name
             self._buffer = byte_view(array)
+            self._target = array.reshape(-1).view(np.uint8) if array.size else None
             self._filled = 0
         elif self._current is None:
             raise ValueError("a chunk without a name must continue a tensor")
@@ -336,8 +349,12 @@ class TensorAssembler:
             raise ValueError(
                 f"chunk ends at byte {end}, past the {len(self._buffer)} bytes of {self._current!r}"
             )
-        if end > chunk.offset:  # An empty tensor's buffer is read-only `b""`.
-            self._buffer[chunk.offset : end] = chunk.data
+        if end > chunk.offset and self._target is not None:  # empty tensors have no buffer
+            target = self._target[chunk.offset : end]
+            if self._copier is None:
+                _copy_into(target, chunk.data)
+            else:
+                self._pending.append(self._copier.submit(_copy_into, target, chunk.data))
         self._filled = end
 
     def _finish_current(self) -> None:
@@ -354,6 +371,9 @@ class TensorAssembler:
         self._buffer = None
 
     def finish(self) -> dict[str, np.ndarray]:
-        """Check the last tensor is complete and return all of them, in order."""
+        """Check the last tensor is complete, wait for the copies, return all tensors."""
         self._finish_current()
+        for pending in self._pending:
+            pending.result()
+        self._pending.clear()
         return self.tensors

@@ -44,6 +44,7 @@ from weightsmith_server.store import (
     VariableRecord,
 )
 from weightsmith_server.variables import model_variables
+from weightsmith_server.zerocopy import adopt, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class ResidentModel:
         state = self.state
         with self.lock.write():
             for path, value in values.items():
-                state.variables[path].assign(value)
+                adopt(state.variables[path], value)
             self.state = ModelState(
                 revision=revision,
                 manifest=manifest,
@@ -601,15 +602,26 @@ class Registry:
     async def read_weights(
         self, model_id: str, selector: Selector, revision: int
     ) -> tuple[int, list[tuple[str, np.ndarray]]]:
-        """The selected variables of a revision as memory-mapped arrays from the store."""
+        """The selected variables of a revision, as read-only arrays.
+
+        The current revision comes from the resident variables (copy-on-write
+        snapshots: no copy on the CPU), older ones from the store's files.
+        """
         resident = self.get(model_id)
         number, manifest = self.revision_state(resident, revision)
         paths = set(
             select(selector, [v.entry for v in manifest.variables], manifest.layer_count, field="selector")
         )
         chosen = [v for v in manifest.variables if v.path in paths]
-        arrays = await self.run(lambda: [(v.path, self.store.load_tensor(model_id, v)) for v in chosen])
-        return number, arrays
+
+        def load() -> tuple[int, list[tuple[str, np.ndarray]]]:
+            with resident.lock.read():
+                state = resident.state
+                if state.revision.revision == number:
+                    return number, [(v.path, snapshot(state.variables[v.path])) for v in chosen]
+            return number, [(v.path, self.store.load_tensor(model_id, v)) for v in chosen]
+
+        return await self.run(load)
 
     async def predict(
         self, model_id: str, inputs: Sequence[tuple[str, np.ndarray]], output_layers: Sequence[str]
