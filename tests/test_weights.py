@@ -332,6 +332,24 @@ def test_bad_writes_are_rejected_and_change_nothing(
     assert staging == [], name
 
 
+def test_large_finite_values_are_not_mistaken_for_overflow(client, model_id: str) -> None:
+    client.create_model(model_id, keras_config=tiny_config())
+    bias = np.array([3e38, 3e38], np.float32)  # finite, but their sum overflows
+    client.write_weights(model_id, {"logits/bias": bias})
+    assert client.read_weights(model_id, "logits/bias")["logits/bias"].tobytes() == bias.tobytes()
+
+
+def test_read_into_out_arrays_reuses_them(client, model_id: str) -> None:
+    client.create_model(model_id, keras_config=tiny_config(), seed=1)
+    first = client.read_weights(model_id)
+    client.write_weights(model_id, {"hidden/bias": np.full(3, 4.0, np.float32)})
+    second = client.read_weights(model_id, out=first)
+    assert all(second[k] is first[k] for k in first)
+    assert second["hidden/bias"].tolist() == [4.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="shape"):
+        client.read_weights(model_id, out={"hidden/bias": np.zeros(4, np.float32)})
+
+
 def test_non_finite_values_allowed_when_asked(client, model_id: str) -> None:
     client.create_model(model_id, keras_config=tiny_config())
     bias = np.array([np.nan, np.inf], np.float32)

@@ -127,8 +127,7 @@ class AsyncClient(_BaseClient):
         # A grpc.aio channel binds to the running loop when created, hence lazily.
         if self._closed:
             raise RuntimeError(
-                "Received a call on a closed AsyncClient, expected an open one; "
-                "create a new AsyncClient."
+                "Received a call on a closed AsyncClient, expected an open one; create a new AsyncClient."
             )
         if self._connection is None:
             if self._credentials is None:
@@ -358,9 +357,7 @@ class AsyncClient(_BaseClient):
         """
         request = model_service_pb2.DeleteModelRequest(model_id=model_id)
         with translate_errors():
-            await self._connect().models.DeleteModel(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            await self._connect().models.DeleteModel(request, timeout=self._timeout, metadata=self._metadata)
 
     async def export_model(
         self,
@@ -469,6 +466,7 @@ class AsyncClient(_BaseClient):
         *,
         revision: int = 0,
         chunk_size_bytes: int = 0,
+        out: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Read variables of a model.
 
@@ -479,6 +477,11 @@ class AsyncClient(_BaseClient):
             revision: The revision to read; 0 for the current one.
             chunk_size_bytes: Streamed chunk size, 65536 to 4194304; 0 for
                 the server's default.
+            out: Arrays to fill in place, keyed by path (for example the
+                result of an earlier read): repeated reads then reuse their
+                memory instead of allocating. Each must match the variable's
+                shape and dtype (`ValueError` otherwise); other variables get
+                new arrays.
 
         Returns:
             Arrays keyed by variable path, in the model's order.
@@ -491,7 +494,7 @@ class AsyncClient(_BaseClient):
         ```
         """
         request = self._read_weights_request(model_id, selector, revision, chunk_size_bytes)
-        reader = WeightsReader()
+        reader = WeightsReader(out)
         with translate_errors():
             call = self._connect().read_weights(
                 request, timeout=self._stream_timeout, metadata=self._metadata

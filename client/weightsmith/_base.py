@@ -136,9 +136,7 @@ def _check_int(name: str, value: int, minimum: int, maximum: int | None = None) 
 def _check_weight_chunk_size(chunk_size_bytes: int) -> int:
     if chunk_size_bytes == 0:
         return 0
-    return _check_int(
-        "chunk_size_bytes", chunk_size_bytes, _wire.MIN_CHUNK_BYTES, _wire.MAX_CHUNK_BYTES
-    )
+    return _check_int("chunk_size_bytes", chunk_size_bytes, _wire.MIN_CHUNK_BYTES, _wire.MAX_CHUNK_BYTES)
 
 
 def _malformed(what: str, problem: object) -> DataLossError:
@@ -181,8 +179,8 @@ COPIER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-copy"
 class WeightsReader:
     """Assembles a ReadWeights stream into arrays, in stream (model) order."""
 
-    def __init__(self) -> None:
-        self._assembler = _wire.TensorAssembler(COPIER)
+    def __init__(self, out: Mapping[str, np.ndarray] | None = None) -> None:
+        self._assembler = _wire.TensorAssembler(COPIER, out)
         self.revision: int | None = None
 
     def add(self, message: ReadWeightsMessage | None) -> None:
@@ -199,6 +197,8 @@ class WeightsReader:
             )
         try:
             self._assembler.add(message.chunk)
+        except _wire.OutMismatchError:
+            raise
         except ValueError as exc:
             raise _malformed("ReadWeights stream", exc) from exc
 
@@ -233,9 +233,7 @@ class ExportReceiver:
             )
         self.received += len(response.chunk)
         if self.received > self.size_bytes:
-            raise _malformed(
-                "ExportModel stream", f"more than the announced {self.size_bytes} bytes"
-            )
+            raise _malformed("ExportModel stream", f"more than the announced {self.size_bytes} bytes")
         return response.chunk
 
     def finish(self) -> None:
@@ -375,8 +373,7 @@ class _BaseClient:
             )
         if pooling not in _POOLING:
             raise ValueError(
-                f"Received an invalid `pooling`, expected 'avg', 'max' or None. "
-                f"Received: pooling={pooling!r}"
+                f"Received an invalid `pooling`, expected 'avg', 'max' or None. Received: pooling={pooling!r}"
             )
         catalog = request.catalog
         catalog.name = architecture
@@ -429,9 +426,7 @@ class _BaseClient:
         )
 
     @staticmethod
-    def _export_request(
-        model_id: str, revision: int, format: str
-    ) -> model_service_pb2.ExportModelRequest:
+    def _export_request(model_id: str, revision: int, format: str) -> model_service_pb2.ExportModelRequest:
         if format not in _EXPORT_FORMATS:
             raise ValueError(
                 f"Received an invalid `format`, expected one of {sorted(_EXPORT_FORMATS)}. "
@@ -543,9 +538,7 @@ class _BaseClient:
                 f"array. Received: {type(weights).__name__}"
             )
         if not weights:
-            raise ValueError(
-                "Received no weights, expected at least one `{path: array}` entry to write."
-            )
+            raise ValueError("Received no weights, expected at least one `{path: array}` entry to write.")
         chunk_bytes = _check_weight_chunk_size(chunk_size_bytes) or _wire.DEFAULT_CHUNK_BYTES
         arrays: list[tuple[str, np.ndarray]] = []
         for name, value in weights.items():

@@ -16,8 +16,7 @@ def _strings(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
     for item in items:
         if not isinstance(item, str):
             raise TypeError(
-                f"Received an invalid item in `{name}`, expected strings. "
-                f"Received: {name}={value!r}"
+                f"Received an invalid item in `{name}`, expected strings. Received: {name}={value!r}"
             )
     return items
 
@@ -27,8 +26,7 @@ def _optional_index(name: str, value: object) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(
-            f"Received an invalid bound in `layer_range`, expected an int or None. "
-            f"Received: {name}={value!r}"
+            f"Received an invalid bound in `layer_range`, expected an int or None. Received: {name}={value!r}"
         )
     return int(value)
 

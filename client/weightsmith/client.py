@@ -198,9 +198,7 @@ class Client(_BaseClient):
             message=message,
         )
         with translate_errors():
-            response = self._models.CreateModel(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            response = self._models.CreateModel(request, timeout=self._timeout, metadata=self._metadata)
         return response.model
 
     def upload_model(
@@ -261,9 +259,7 @@ class Client(_BaseClient):
         """
         request = model_service_pb2.GetModelRequest(model_id=model_id)
         with translate_errors():
-            response = self._models.GetModel(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            response = self._models.GetModel(request, timeout=self._timeout, metadata=self._metadata)
         return response.model
 
     def list_models(
@@ -347,9 +343,7 @@ class Client(_BaseClient):
         request = self._export_request(model_id, revision, format)
         receiver = ExportReceiver()
         with translate_errors():
-            call = self._models.ExportModel(
-                request, timeout=self._stream_timeout, metadata=self._metadata
-            )
+            call = self._models.ExportModel(request, timeout=self._stream_timeout, metadata=self._metadata)
             with cancel_on_error(call):
                 if path is None:
                     parts = [receiver.add(response) for response in call]
@@ -404,9 +398,7 @@ class Client(_BaseClient):
         """Return the server's versions, devices, limits and catalog names."""
         request = model_service_pb2.GetServerInfoRequest()
         with translate_errors():
-            return self._models.GetServerInfo(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            return self._models.GetServerInfo(request, timeout=self._timeout, metadata=self._metadata)
 
     # --- weights --------------------------------------------------------------
 
@@ -417,6 +409,7 @@ class Client(_BaseClient):
         *,
         revision: int = 0,
         chunk_size_bytes: int = 0,
+        out: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Read variables of a model.
 
@@ -427,6 +420,11 @@ class Client(_BaseClient):
             revision: The revision to read; 0 for the current one.
             chunk_size_bytes: Streamed chunk size, 65536 to 4194304; 0 for
                 the server's default.
+            out: Arrays to fill in place, keyed by path (for example the
+                result of an earlier read): repeated reads then reuse their
+                memory instead of allocating. Each must match the variable's
+                shape and dtype (`ValueError` otherwise); other variables get
+                new arrays.
 
         Returns:
             Arrays keyed by variable path, in the model's order.
@@ -439,11 +437,9 @@ class Client(_BaseClient):
         ```
         """
         request = self._read_weights_request(model_id, selector, revision, chunk_size_bytes)
-        reader = WeightsReader()
+        reader = WeightsReader(out)
         with translate_errors():
-            call = self._read_weights_call(
-                request, timeout=self._stream_timeout, metadata=self._metadata
-            )
+            call = self._read_weights_call(request, timeout=self._stream_timeout, metadata=self._metadata)
             with cancel_on_error(call):
                 for message in call:
                     reader.add(message)
@@ -518,13 +514,9 @@ class Client(_BaseClient):
             model_id=model_id, page_size=page_size, page_token=page_token
         )
         with translate_errors():
-            return self._weights.ListRevisions(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            return self._weights.ListRevisions(request, timeout=self._timeout, metadata=self._metadata)
 
-    def iter_revisions(
-        self, model_id: str, *, page_size: int = 0
-    ) -> Iterator[weight_service_pb2.Revision]:
+    def iter_revisions(self, model_id: str, *, page_size: int = 0) -> Iterator[weight_service_pb2.Revision]:
         """Yield every revision of a model, newest first, fetching pages as needed.
 
         Args:
@@ -554,7 +546,5 @@ class Client(_BaseClient):
         """
         request = weight_service_pb2.GetRevisionRequest(model_id=model_id, revision=revision)
         with translate_errors():
-            response = self._weights.GetRevision(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+            response = self._weights.GetRevision(request, timeout=self._timeout, metadata=self._metadata)
         return response.revision

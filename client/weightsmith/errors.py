@@ -258,9 +258,7 @@ def from_rpc_error(exc: grpc.RpcError) -> WeightsmithError:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad_request = error_details_pb2.BadRequest()
                 detail.Unpack(bad_request)
-                field_violations.extend(
-                    (v.field, v.description) for v in bad_request.field_violations
-                )
+                field_violations.extend((v.field, v.description) for v in bad_request.field_violations)
             elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and not reason:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
@@ -269,9 +267,7 @@ def from_rpc_error(exc: grpc.RpcError) -> WeightsmithError:
             elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
                 failure = error_details_pb2.PreconditionFailure()
                 detail.Unpack(failure)
-                precondition_failures.extend(
-                    (v.type, v.subject, v.description) for v in failure.violations
-                )
+                precondition_failures.extend((v.type, v.subject, v.description) for v in failure.violations)
     return error_class(code)(
         message,
         code=code,

@@ -34,11 +34,26 @@ from weightsmith_server.zerocopy import aligned_empty
 
 log = logging.getLogger(__name__)
 
-# One thread writes staged bytes to disk while the next ones stream in.
+# Received chunks are copied into their buffers on one thread, and written to
+# disk on another, so that neither holds up the event loop receiving the rest.
+_COPIER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-copy")
 _DISK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-disk")
 
 # Hand filled parts of a tensor to the disk thread in pieces of at least this.
 _FLUSH_BYTES = 8 * 1024 * 1024
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether no element is NaN or infinite.
+
+    A NaN or infinity anywhere makes the sum non-finite, so a finite sum (one
+    pass, no temporary array) proves it; a non-finite sum may only be an
+    overflow of large finite values, which the exact check then settles.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(values.sum()):
+            return True
+    return bool(np.isfinite(values).all())
 
 
 def check_expected_revision(resident: ResidentModel, expected: int | None, field: str) -> None:
@@ -79,7 +94,8 @@ class WeightWrite:
         self._values: dict[str, np.ndarray] = {}
         self._disk: list[Future[None]] = []
         self._writer: TensorFileWriter | None = None
-        self._buffer = memoryview(b"")
+        self._target = np.empty(0, np.uint8)
+        self._last_copy: Future[None] | None = None
         self._dtype = np.dtype("u1")
         self._filled = 0
         self._flushed = 0
@@ -123,7 +139,7 @@ class WeightWrite:
             self._writer = self._staged.open_tensor(known.entry, expected, known.shape)
             value = aligned_empty(known.shape, expected)
             self._values[name] = value
-            self._buffer = memoryview(value.reshape(-1).view(np.uint8)) if value.size else memoryview(b"")
+            self._target = value.reshape(-1).view(np.uint8)
             self._dtype = expected
             self._filled = 0
             self._flushed = 0
@@ -162,7 +178,7 @@ class WeightWrite:
         if (
             floating
             and not self._allow_non_finite
-            and not np.isfinite(np.frombuffer(data, dtype=self._dtype)).all()
+            and not _all_finite(np.frombuffer(data, dtype=self._dtype))
         ):
             raise InvalidArgument(
                 f"Received NaN or infinite values for {path!r}; set allow_non_finite to "
@@ -170,7 +186,10 @@ class WeightWrite:
                 reason="NON_FINITE_VALUES",
                 field=f"{field}.data",
             )
-        self._buffer[offset:end] = data
+        if end > offset:
+            self._last_copy = _COPIER.submit(
+                np.copyto, self._target[offset:end], np.frombuffer(data, np.uint8)
+            )
         self._filled = end
         if self._filled - self._flushed >= _FLUSH_BYTES:
             self._flush(final=False)
@@ -196,9 +215,15 @@ class WeightWrite:
         assert writer is not None
         stop = self._filled if final else self._filled - self._filled % 4096
         if stop > self._flushed:
-            self._disk.append(
-                _DISK.submit(writer.write_at, self._flushed, self._buffer[self._flushed : stop])
-            )
+            copied = self._last_copy
+            start, pending = self._flushed, memoryview(self._target[self._flushed : stop])
+
+            def write() -> None:
+                if copied is not None:
+                    copied.result()  # the copier works in order: all bytes up to here are in
+                writer.write_at(start, pending)
+
+            self._disk.append(_DISK.submit(write))
             self._flushed = stop
         if final:
             self._disk.append(_DISK.submit(writer.close))
