@@ -21,6 +21,12 @@ import numpy as np
 
 from weightsmith.v1 import tensor_pb2
 
+# Bounds on what a peer can make us parse: far above any real tensor, far
+# below what would let a crafted header stall a server.
+MAX_RANK = 32
+MAX_NAME_BYTES = 1024
+MAX_HEADER_BYTES = 64 * 1024
+
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
@@ -104,6 +110,8 @@ def tensor_to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
 def tensor_from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
     """Decode a `Tensor` message into a read-only numpy array (no copy)."""
     dtype = numpy_dtype(tensor.dtype)
+    if len(tensor.shape) > MAX_RANK:
+        raise ValueError(f"Received a tensor of rank {len(tensor.shape)}, expected at most {MAX_RANK}")
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"Received a negative dimension in shape {list(shape)}")
@@ -151,11 +159,19 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+# Fields in one chunk message: a handful are real; thousands are an attack.
+_MAX_FIELDS = 256
+
+
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
     """Yield `(field_number, wire_type, value)`; LEN values are zero-copy views."""
     pos = 0
     end = len(buf)
+    count = 0
     while pos < end:
+        count += 1
+        if count > _MAX_FIELDS:
+            raise ValueError(f"malformed chunk: more than {_MAX_FIELDS} fields")
         key, pos = _read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if wire_type == _WIRE_VARINT:
@@ -196,17 +212,23 @@ def _parse_chunk(buf: memoryview) -> ChunkView:
     data = memoryview(b"")
     for number, wire_type, value in _fields(buf):
         if number == 1 and wire_type == _WIRE_LEN:
+            if len(value) > MAX_NAME_BYTES:  # type: ignore[arg-type]
+                raise ValueError(f"tensor name longer than {MAX_NAME_BYTES} bytes")
             name = bytes(value).decode("utf-8")
         elif number == 2 and wire_type == _WIRE_VARINT:
             dtype = value  # type: ignore[assignment]
         elif number == 3 and wire_type == _WIRE_LEN:
             packed = value
+            if len(packed) > 10 * MAX_RANK:  # type: ignore[arg-type]
+                raise ValueError(f"tensor shape of more than {MAX_RANK} dimensions")
             pos = 0
             while pos < len(packed):  # type: ignore[arg-type]
                 dim, pos = _read_varint(packed, pos)  # type: ignore[arg-type]
                 shape.append(_signed64(dim))
         elif number == 3 and wire_type == _WIRE_VARINT:
             shape.append(_signed64(value))  # type: ignore[arg-type]
+            if len(shape) > MAX_RANK:
+                raise ValueError(f"tensor shape of more than {MAX_RANK} dimensions")
         elif number == 4 and wire_type == _WIRE_VARINT:
             offset = _signed64(value)  # type: ignore[arg-type]
         elif number == 5 and wire_type == _WIRE_LEN:
@@ -223,7 +245,12 @@ def parse_chunk_field(message: bytes, field_number: int) -> tuple[ChunkView | No
     buf = memoryview(message)
     chunk: ChunkView | None = None
     rest: list[bytes] = []
+    rest_bytes = 0
     for number, wire_type, value in _fields(buf):
+        if number != field_number and wire_type == _WIRE_LEN:
+            rest_bytes += len(value)  # type: ignore[arg-type]
+            if rest_bytes > MAX_HEADER_BYTES:
+                raise ValueError(f"more than {MAX_HEADER_BYTES} bytes of fields besides the chunk")
         if number == field_number and wire_type == _WIRE_LEN:
             chunk = _parse_chunk(value)  # type: ignore[arg-type]
         elif wire_type == _WIRE_VARINT:

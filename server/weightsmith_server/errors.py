@@ -9,7 +9,8 @@ statuses with `google.rpc` details. The hierarchy::
     ├── AlreadyExists        an id that is taken
     ├── FailedPrecondition   the state forbids it right now
     ├── Aborted              `expected_revision` no longer matches
-    └── ResourceExhausted    a size or memory limit
+    ├── ResourceExhausted    a size or memory limit
+    └── Unavailable          not ready yet (start-up restore): retry
 """
 
 from __future__ import annotations
@@ -65,3 +66,7 @@ class Aborted(WeightsmithError):
 
 class ResourceExhausted(WeightsmithError):
     """The request exceeds a configured size or memory limit."""
+
+
+class Unavailable(WeightsmithError):
+    """The server cannot answer yet (it is restoring its models); retry shortly."""

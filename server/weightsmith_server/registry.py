@@ -14,9 +14,9 @@ import asyncio
 import base64
 import datetime as dt
 import logging
-import os
 import shutil
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,10 +28,13 @@ import numpy as np
 from weightsmith_server import architecture
 from weightsmith_server.devices import Devices
 from weightsmith_server.errors import (
+    Aborted,
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from weightsmith_server.naming import new_id, validate_id
 from weightsmith_server.rwlock import ReadWriteLock
@@ -40,6 +43,7 @@ from weightsmith_server.store import (
     Manifest,
     ModelRecord,
     RevisionRecord,
+    StagedRevision,
     Store,
     VariableRecord,
 )
@@ -49,6 +53,9 @@ from weightsmith_server.zerocopy import adopt, snapshot
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Distinct `output_layers` combinations kept built per model (clients choose them).
+_FEATURE_MODEL_CACHE = 8
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -140,6 +147,8 @@ class ResidentModel:
         self.state = state
         self.lock = ReadWriteLock()
         self.commit_lock = threading.Lock()
+        # Set under `commit_lock`: a deleted model accepts no more commits.
+        self.deleted = False
 
     @property
     def revision(self) -> int:
@@ -212,6 +221,8 @@ class ResidentModel:
         cached = state.feature_models.get(names)
         if cached is not None:
             return cached
+        if len(state.feature_models) >= _FEATURE_MODEL_CACHE:
+            state.feature_models.pop(next(iter(state.feature_models)))
         model = state.keras_model
         tensors = []
         for index, name in enumerate(names):
@@ -284,6 +295,24 @@ def _order_inputs(model: Any, inputs: Sequence[tuple[str, np.ndarray]]) -> list[
     return [a for a in ordered if a is not None]
 
 
+# What `prepare` returns for `Registry.commit_revision`: the revision record,
+# the full manifest (staged entries under `tensors/`), the architecture JSON
+# when it changed, and the new values to install, by variable path.
+Prepared = tuple[RevisionRecord, Manifest, str | None, dict[str, np.ndarray]]
+
+
+def check_expected_revision(resident: ResidentModel, expected: int | None, field: str) -> None:
+    """Raise `Aborted` when the model moved past the revision the caller expects."""
+    if expected is not None and expected != resident.revision:
+        raise Aborted(
+            f"Model {resident.model_id!r} is at revision {resident.revision}, not the expected "
+            f"revision {expected}; re-read it and retry.",
+            reason="REVISION_MISMATCH",
+            field=field,
+            metadata={"current_revision": str(resident.revision), "expected_revision": str(expected)},
+        )
+
+
 def _encode_token(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode()
 
@@ -321,8 +350,10 @@ class Registry:
         self.executor = executor
         self.max_upload_bytes = max_upload_bytes
         self._models: dict[str, ResidentModel] = {}
+        self._unrestorable: dict[str, str] = {}
         self._reserved: set[str] = set()
         self._lock = threading.Lock()
+        self.ready = False
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """Run blocking work (TensorFlow, disk) off the event loop."""
@@ -330,9 +361,24 @@ class Registry:
 
     # --- lookup --------------------------------------------------------------
 
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise Unavailable(
+                "The server is still restoring its models; retry in a moment.",
+                reason="STARTING",
+            )
+
     def get(self, model_id: str, field: str = "model_id") -> ResidentModel:
         """The resident model, or NotFound (InvalidArgument for a malformed id)."""
+        self._require_ready()
         validate_id(model_id, field=field)
+        if model_id in self._unrestorable:
+            raise FailedPrecondition(
+                f"Model {model_id!r} is in the store but could not be restored at start-up: "
+                f"{self._unrestorable[model_id]}. The server log has the details.",
+                reason="MODEL_UNRESTORABLE",
+                field=field,
+            )
         try:
             return self._models[model_id]
         except KeyError:
@@ -355,6 +401,7 @@ class Registry:
         return totals
 
     def list_models(self, size: int, token: str) -> tuple[list[ModelInfo], str]:
+        self._require_ready()
         size = page_size(size)
         after = _decode_token(token) if token else ""
         ids = [k for k in sorted(self._models) if k > after]
@@ -365,12 +412,20 @@ class Registry:
     # --- start-up ------------------------------------------------------------
 
     async def restore(self) -> None:
-        """Load every stored model at its latest revision."""
+        """Load every stored model at its latest revision.
+
+        A model that fails to load is reported (FAILED_PRECONDITION on use)
+        rather than keeping the whole server from starting.
+        """
         ids = self.store.model_ids()
         for model_id in ids:
-            resident = await self.run(self._restore_one, model_id)
-            self._models[model_id] = resident
-        log.info("restored %d model(s)", len(ids))
+            try:
+                self._models[model_id] = await self.run(self._restore_one, model_id)
+            except Exception as exc:
+                log.exception("model %s could not be restored", model_id)
+                self._unrestorable[model_id] = f"{type(exc).__name__}: {exc}"[:300]
+        self.ready = True
+        log.info("restored %d of %d model(s)", len(self._models), len(ids))
 
     def _restore_one(self, model_id: str) -> ResidentModel:
         record = self.store.read_model(model_id)
@@ -393,6 +448,7 @@ class Registry:
     # --- creation ------------------------------------------------------------
 
     def _reserve(self, model_id: str, field: str) -> str:
+        self._require_ready()
         model_id = validate_id(model_id, field=field) if model_id else new_id("model")
         with self._lock:
             if (
@@ -413,32 +469,34 @@ class Registry:
         with self._lock:
             self._reserved.discard(model_id)
 
+    async def _run_reserved(self, model_id: str, function: Callable[[], T]) -> T:
+        """Run `function` in the executor and release `model_id` when it is done.
+
+        Released by the worker's own completion, not the caller's: a client that
+        gives up must not free the id while the build still runs.
+        """
+        future = self.executor.submit(function)
+        future.add_done_callback(lambda _: self._release(model_id))
+        return await asyncio.wrap_future(future)
+
     async def create_from_catalog(
         self, model_id: str, spec: architecture.CatalogSpec, seed: int | None, message: str, author: str
     ) -> ModelInfo:
         weights_path = self._import_path(spec.weights_file) if spec.weights_file else None
         model_id = self._reserve(model_id, "model_id")
-        try:
-            device = self.devices.choose(self.resident_bytes())
+        device = self.devices.choose(self.resident_bytes())
 
-            def build() -> ResidentModel:
-                model = architecture.build_from_catalog(
-                    spec, seed=seed, device=device, weights_path=weights_path
-                )
-                return self._commit_new(
-                    model_id, model, device, spec.name, "catalog", "create", message, author
-                )
+        def build() -> ResidentModel:
+            model = architecture.build_from_catalog(spec, seed=seed, device=device, weights_path=weights_path)
+            return self._commit_new(model_id, model, device, spec.name, "catalog", "create", message, author)
 
-            resident = await self.run(build)
-        finally:
-            self._release(model_id)
-        return resident.describe()
+        return (await self._run_reserved(model_id, build)).describe()
 
     def _import_path(self, relative: str) -> Path:
         path = self.store.resolve_import(relative)
         if path is None or not path.is_file():
             raise InvalidArgument(
-                f"Received weights_file={relative!r}, expected the path of a file under the "
+                f"Received weights_file={relative[:200]!r}, expected the path of a file under the "
                 f"store's imports folder ({self.store.imports_dir}), relative to it.",
                 reason="WEIGHTS_FILE_NOT_FOUND",
                 field="catalog.weights_file",
@@ -449,21 +507,16 @@ class Registry:
         self, model_id: str, config_json: str, seed: int | None, message: str, author: str
     ) -> ModelInfo:
         model_id = self._reserve(model_id, "model_id")
-        try:
-            device = self.devices.choose(self.resident_bytes())
+        device = self.devices.choose(self.resident_bytes())
 
-            def build() -> ResidentModel:
-                model = architecture.build_from_config(
-                    config_json, seed=seed, device=device, field="keras_config_json"
-                )
-                return self._commit_new(
-                    model_id, model, device, type(model).__name__, "config", "create", message, author
-                )
+        def build() -> ResidentModel:
+            model = architecture.build_from_config(
+                config_json, seed=seed, device=device, field="keras_config_json"
+            )
+            kind = type(model).__name__
+            return self._commit_new(model_id, model, device, kind, "config", "create", message, author)
 
-            resident = await self.run(build)
-        finally:
-            self._release(model_id)
-        return resident.describe()
+        return (await self._run_reserved(model_id, build)).describe()
 
     async def upload(
         self, model_id: str, size_bytes: int, message: str, author: str, chunks: AsyncIterator[bytes]
@@ -483,38 +536,43 @@ class Registry:
                 field="header.size_bytes",
             )
         model_id = self._reserve(model_id, "header.model_id")
-        path = self.store.tmp_dir / f"upload-{model_id}-{os.getpid()}-{id(chunks)}.keras"
+        path = self.store.tmp_dir / f"upload-{model_id}-{uuid.uuid4().hex}.keras"
         try:
-            received = 0
-            with open(path, "wb") as handle:
-                async for chunk in chunks:
-                    received += len(chunk)
-                    if received > size_bytes:
-                        raise InvalidArgument(
-                            f"Received more than the {size_bytes} bytes announced in the header.",
-                            reason="UPLOAD_SIZE_MISMATCH",
-                            field="chunk",
-                        )
-                    handle.write(chunk)
-            if received != size_bytes:
-                raise InvalidArgument(
-                    f"The upload is truncated: received {received} of {size_bytes} bytes.",
-                    reason="UPLOAD_TRUNCATED",
-                    field="chunk",
-                )
-            device = self.devices.choose(self.resident_bytes())
-
-            def load() -> ResidentModel:
-                model = architecture.load_upload(path, device=device, field="chunk")
-                return self._commit_new(
-                    model_id, model, device, type(model).__name__, "upload", "upload", message, author
-                )
-
-            resident = await self.run(load)
-        finally:
+            await self._receive_upload(path, size_bytes, chunks)
+        except BaseException:
             path.unlink(missing_ok=True)
             self._release(model_id)
-        return resident.describe()
+            raise
+        device = self.devices.choose(self.resident_bytes())
+
+        def load() -> ResidentModel:
+            try:
+                model = architecture.load_upload(path, device=device, field="chunk")
+                kind = type(model).__name__
+                return self._commit_new(model_id, model, device, kind, "upload", "upload", message, author)
+            finally:
+                path.unlink(missing_ok=True)
+
+        return (await self._run_reserved(model_id, load)).describe()
+
+    async def _receive_upload(self, path: Path, size_bytes: int, chunks: AsyncIterator[bytes]) -> None:
+        received = 0
+        with open(path, "wb") as handle:
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > size_bytes:
+                    raise InvalidArgument(
+                        f"Received more than the {size_bytes} bytes announced in the header.",
+                        reason="UPLOAD_SIZE_MISMATCH",
+                        field="chunk",
+                    )
+                await self.run(handle.write, chunk)
+        if received != size_bytes:
+            raise InvalidArgument(
+                f"The upload is truncated: received {received} of {size_bytes} bytes.",
+                reason="UPLOAD_TRUNCATED",
+                field="chunk",
+            )
 
     def _commit_new(
         self,
@@ -548,20 +606,33 @@ class Registry:
                 stored_bytes=staged.stored_bytes,
                 changed_variables=[r.path for r in records],
             )
-            staged.commit(revision, manifest, keras_model.to_json())
-            self.store.commit_model(folder, ModelRecord(model_id, architecture_name, source, now))
+            committed = staged.commit(revision, manifest, keras_model.to_json())
+            record = ModelRecord(model_id, architecture_name, source, now)
+            self.store.commit_model(folder, record)
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            if not (self.store.model_dir(model_id) / "model.json").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            # Renamed into place before the failure: the model exists on disk, so
+            # it must exist in memory too; then report the failure.
+            self._register(
+                record,
+                device,
+                ModelState(revision, committed, keras_model, {entry.path: v for entry, v in entries}),
+            )
             raise
-        # Read back through the committed manifest, as a restart would.
-        committed = self.store.read_manifest(model_id, 1)
-        variables = {entry.path: v for entry, v in entries}
-        resident = ResidentModel(
-            self.store.read_model(model_id), device, ModelState(revision, committed, keras_model, variables)
+        resident = self._register(
+            record,
+            device,
+            ModelState(revision, committed, keras_model, {entry.path: v for entry, v in entries}),
         )
-        with self._lock:
-            self._models[model_id] = resident
         log.info("created model %s (%s) on %s", model_id, architecture_name, device)
+        return resident
+
+    def _register(self, record: ModelRecord, device: str, state: ModelState) -> ResidentModel:
+        resident = ResidentModel(record, device, state)
+        with self._lock:
+            self._models[record.model_id] = resident
         return resident
 
     async def delete(self, model_id: str) -> None:
@@ -569,6 +640,7 @@ class Registry:
 
         def remove() -> None:
             with resident.commit_lock:
+                resident.deleted = True
                 with self._lock:
                     if self._models.get(model_id) is not resident:
                         raise NotFound(
@@ -579,6 +651,63 @@ class Registry:
 
         await self.run(remove)
         log.info("deleted model %s", model_id)
+
+    # --- committing revisions ----------------------------------------------------
+
+    def commit_revision(
+        self,
+        resident: ResidentModel,
+        staged: StagedRevision,
+        *,
+        expected_revision: int | None,
+        prepare: Callable[[ModelState, int], Prepared],
+        field_prefix: str = "",
+    ) -> RevisionRecord:
+        """Commit one new revision of a resident model, or nothing at all.
+
+        Under the model's commit lock: check it still exists and is at the
+        expected revision, let `prepare` build the revision from the current
+        state, rename it into place (the point of no return), then install
+        it. Any failure before the rename discards the staging folder; after
+        it, memory is brought in step with disk before the failure is reported.
+        """
+        with resident.commit_lock:
+            try:
+                if resident.deleted:
+                    raise NotFound(
+                        f"Model {resident.model_id!r} was deleted while the change was in progress.",
+                        reason="MODEL_NOT_FOUND",
+                        field=f"{field_prefix}model_id",
+                    )
+                check_expected_revision(resident, expected_revision, f"{field_prefix}expected_revision")
+                number = resident.revision + 1
+                record, manifest, architecture_json, values = prepare(resident.state, number)
+                committed = staged.commit(record, manifest, architecture_json)
+            except BaseException:
+                if not staged.renamed:
+                    staged.discard()
+                    raise
+                log.exception(
+                    "model %s: revision %d committed, then a step failed", resident.model_id, number
+                )
+                self._reload(resident, number)
+                raise
+            try:
+                resident.install(record, committed, values)
+            except Exception:
+                log.exception(
+                    "model %s: installing revision %d failed; reloading it", resident.model_id, number
+                )
+                self._reload(resident, number)
+        log.info("model %s: revision %d, %s", resident.model_id, number, record.summary)
+        return record
+
+    def _reload(self, resident: ResidentModel, revision: int) -> None:
+        """Rebuild a model's state from the store at `revision` (after a failed install)."""
+        keras_model, manifest, record = self.materialize(resident.model_id, revision, resident.device)
+        variables = {entry.path: v for entry, v in model_variables(keras_model)}
+        with resident.lock.write():
+            resident.state = ModelState(record, manifest, keras_model, variables)
 
     # --- reading -------------------------------------------------------------
 
@@ -637,10 +766,9 @@ class Registry:
         number, _ = self.revision_state(resident, revision)
 
         def write() -> Path:
-            target = self.store.tmp_dir / f"export-{model_id}-{number}-{os.urandom(4).hex()}"
-            if number == resident.revision:
-                with resident.lock.read():
-                    return export.write_model(resident.state.keras_model, target, file_format)
+            # From the store, on the CPU: no lock held while saving, so Predict
+            # and commits go on, and any retained revision exports the same way.
+            target = self.store.tmp_dir / f"export-{model_id}-{number}-{uuid.uuid4().hex}"
             keras_model, _, _ = self.materialize(model_id, number, "/device:CPU:0")
             return export.write_model(keras_model, target, file_format)
 
@@ -665,7 +793,7 @@ class Registry:
         numbers = sorted(self.store.revision_numbers(model_id), reverse=True)
         if token:
             before = _decode_token(token)
-            if not before.isdigit():
+            if not (before.isascii() and before.isdigit()):
                 raise InvalidArgument(
                     "Received an invalid page token; pass `next_page_token` from the previous page.",
                     reason="INVALID_PAGE_TOKEN",

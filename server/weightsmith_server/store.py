@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,44 +170,63 @@ class TensorFileWriter:
 
     def __init__(self, path: Path, record: VariableRecord, dtype: np.dtype) -> None:
         self.record = record
-        self._buffered = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._buffered, _npy_header(dtype, record.shape), 0)
+        self._path = path
+        self._buffered: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._direct: int | None = None
-        direct_flag = getattr(os, "O_DIRECT", 0)
-        if direct_flag:
-            try:
-                self._direct = os.open(path, os.O_WRONLY | direct_flag)
-            except OSError:
-                self._direct = None
+        self._direct_tried = False
+        try:
+            _write_fully(self._buffered, memoryview(_npy_header(dtype, record.shape)), 0)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _direct_fd(self) -> int | None:
+        """The `O_DIRECT` descriptor, opened on first use; None where unsupported."""
+        if not self._direct_tried:
+            self._direct_tried = True
+            flag = getattr(os, "O_DIRECT", 0)
+            if flag:
+                try:
+                    self._direct = os.open(self._path, os.O_WRONLY | flag)
+                except OSError:
+                    self._direct = None
+        return self._direct
 
     def write_at(self, offset: int, data: memoryview) -> None:
         """Write `data` at byte `offset` of the tensor (not of the file)."""
         view = memoryview(data).cast("B")
         position = HEADER_BYTES + offset
-        if (
-            self._direct is not None
-            and offset % 4096 == 0
+        aligned = (
+            offset % 4096 == 0
             and len(view) % 4096 == 0
             and np.frombuffer(view, np.uint8).ctypes.data % 4096 == 0
-        ):
+        )
+        direct = self._direct_fd() if aligned else None
+        if direct is not None:
             try:
-                _write_fully(self._direct, view, position)
+                _write_fully(direct, view, position)
                 return
-            except OSError:
-                os.close(self._direct)
+            except OSError:  # e.g. a file system that accepts O_DIRECT but not these writes
+                os.close(direct)
                 self._direct = None
+        assert self._buffered is not None
         _write_fully(self._buffered, view, position)
 
     def close(self) -> None:
         """fsync and close: the bytes are durable once this returns."""
-        os.fsync(self._buffered)
-        self.discard()
+        try:
+            assert self._buffered is not None
+            os.fsync(self._buffered)
+        finally:
+            self.discard()
 
     def discard(self) -> None:
-        for fd in (self._direct, self._buffered):
+        """Close the descriptors (idempotent)."""
+        direct, buffered = self._direct, self._buffered
+        self._direct = self._buffered = None
+        for fd in (direct, buffered):
             if fd is not None:
                 os.close(fd)
-        self._direct = None
 
 
 def _write_fully(fd: int, view: memoryview, position: int) -> None:
@@ -223,8 +242,11 @@ class StagedRevision:
     def __init__(self, revisions_dir: Path) -> None:
         self._revisions_dir = revisions_dir
         self.dir = revisions_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
-        (self.dir / "tensors").mkdir(parents=True)
+        # No `parents`: a model deleted meanwhile must not be recreated here.
+        self.dir.mkdir()
+        (self.dir / "tensors").mkdir()
         self._count = 0
+        self.renamed = False
         self.stored_bytes = 0
 
     def _next_file(self) -> str:
@@ -261,19 +283,26 @@ class StagedRevision:
         record: RevisionRecord,
         manifest: Manifest,
         architecture_json: str | None,
-    ) -> Path:
+    ) -> Manifest:
         """Make the revision durable and visible under its number.
 
         `manifest` mixes entries of earlier revisions (their `file` already
         `NNNNNN/...`) and entries staged here (`tensors/...`), which get this
-        revision's folder prefixed.
+        revision's folder prefixed; the committed manifest is returned. Once
+        `renamed` is set the revision exists, even if a later step fails.
         """
         folder = f"{record.revision:06d}"
-        entries = [
-            asdict(v) | {"file": f"{folder}/{v.file}" if v.file.startswith("tensors/") else v.file}
-            for v in manifest.variables
-        ]
-        write_json(self.dir / "manifest.json", {"layer_count": manifest.layer_count, "variables": entries})
+        committed = Manifest(
+            layer_count=manifest.layer_count,
+            variables=tuple(
+                replace(v, file=f"{folder}/{v.file}") if v.file.startswith("tensors/") else v
+                for v in manifest.variables
+            ),
+        )
+        write_json(
+            self.dir / "manifest.json",
+            {"layer_count": committed.layer_count, "variables": [asdict(v) for v in committed.variables]},
+        )
         if architecture_json is not None:
             with open(self.dir / "architecture.json", "w", encoding="utf-8") as handle:
                 handle.write(architecture_json)
@@ -282,13 +311,15 @@ class StagedRevision:
         write_json(self.dir / "revision.json", asdict(record))
         fsync_path(self.dir / "tensors")
         fsync_path(self.dir)
-        final = self._revisions_dir / folder
-        os.rename(self.dir, final)
+        os.rename(self.dir, self._revisions_dir / folder)
+        self.renamed = True
         fsync_path(self._revisions_dir)
-        return final
+        return committed
 
     def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove the staging folder; a no-op once the revision is committed."""
+        if not self.renamed:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Store:
@@ -311,6 +342,10 @@ class Store:
         for entry in self.tmp_dir.iterdir():
             shutil.rmtree(entry, ignore_errors=True)
         for model_dir in self.models_dir.iterdir():
+            if not (model_dir / "model.json").is_file():
+                # Never committed (or recreated by a write racing a delete).
+                shutil.rmtree(model_dir, ignore_errors=True)
+                continue
             revisions = model_dir / "revisions"
             if revisions.is_dir():
                 for entry in revisions.iterdir():

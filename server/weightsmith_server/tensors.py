@@ -7,6 +7,7 @@ turns its `ValueError`s into `InvalidArgument`s.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -54,19 +55,28 @@ def serialize_read_response(message: bytes | weight_service_pb2.ReadWeightsRespo
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def parse_write_request(data: bytes) -> _wire.ChunkView | weight_service_pb2.WriteWeightsRequest:
+@dataclass(frozen=True)
+class MalformedMessage:
+    """A request message that failed to parse, and why (reported in order)."""
+
+    problem: str
+
+
+def parse_write_request(
+    data: bytes,
+) -> _wire.ChunkView | weight_service_pb2.WriteWeightsRequest | MalformedMessage:
     """Request deserializer: chunks as zero-copy views, the header as a message.
 
-    A malformed message becomes a `WriteWeightsRequest` with no payload, which
-    the stream handling rejects with a clear error.
+    A malformed message is passed on as `MalformedMessage`: a deserializer that
+    raised would end the call with an opaque status instead of a clear error.
     """
     try:
         chunk, _ = _wire.parse_chunk_field(data, 2)
-    except ValueError:
-        return weight_service_pb2.WriteWeightsRequest()
+    except ValueError as exc:
+        return MalformedMessage(str(exc))
     if chunk is not None:
         return chunk
     try:
         return weight_service_pb2.WriteWeightsRequest.FromString(data)
-    except DecodeError:
-        return weight_service_pb2.WriteWeightsRequest()
+    except DecodeError as exc:
+        return MalformedMessage(f"not a WriteWeightsRequest: {exc}")

@@ -13,15 +13,17 @@ never changes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from weightsmith._wire import ChunkView
-from weightsmith_server.errors import Aborted, InvalidArgument
-from weightsmith_server.registry import Registry, ResidentModel, utc_now
+from weightsmith_server.errors import Aborted, InvalidArgument, NotFound
+from weightsmith_server.registry import ModelState, Prepared, Registry, check_expected_revision, utc_now
 from weightsmith_server.store import (
     Manifest,
     RevisionRecord,
@@ -56,18 +58,6 @@ def _all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def check_expected_revision(resident: ResidentModel, expected: int | None, field: str) -> None:
-    """Raise `Aborted` when the model moved past the revision the caller expects."""
-    if expected is not None and expected != resident.revision:
-        raise Aborted(
-            f"Model {resident.model_id!r} is at revision {resident.revision}, not the expected "
-            f"revision {expected}; re-read it and retry.",
-            reason="REVISION_MISMATCH",
-            field=field,
-            metadata={"current_revision": str(resident.revision), "expected_revision": str(expected)},
-        )
-
-
 class WeightWrite:
     """One WriteWeights stream, from header to commit or abort."""
 
@@ -84,12 +74,18 @@ class WeightWrite:
         self._registry = registry
         self._resident = registry.get(model_id, field="header.model_id")
         check_expected_revision(self._resident, expected_revision, "header.expected_revision")
+        # "open" until commit or abort claims the write; the other then does nothing.
+        self._phase = "open"
+        self._phase_lock = threading.Lock()
         self._expected = expected_revision
         self._message = message
         self._allow_non_finite = allow_non_finite
         self._author = author
         self._known = self._resident.state.manifest.by_path()
-        self._staged = registry.store.stage_revision(model_id)
+        try:
+            self._staged = registry.store.stage_revision(model_id)
+        except FileNotFoundError:
+            raise self._deleted() from None
         self._written: dict[str, VariableRecord] = {}
         self._values: dict[str, np.ndarray] = {}
         self._disk: list[Future[None]] = []
@@ -136,7 +132,10 @@ class WeightWrite:
                     reason="WRONG_SHAPE",
                     field=f"{field}.shape",
                 )
-            self._writer = self._staged.open_tensor(known.entry, expected, known.shape)
+            try:
+                self._writer = self._staged.open_tensor(known.entry, expected, known.shape)
+            except FileNotFoundError:  # the staging folder went with a deleted model
+                raise self._deleted() from None
             value = aligned_empty(known.shape, expected)
             self._values[name] = value
             self._target = value.reshape(-1).view(np.uint8)
@@ -161,6 +160,12 @@ class WeightWrite:
                 field=f"{field}.offset",
             )
         end = offset + len(data)
+        if not data and self._size:
+            raise InvalidArgument(
+                f"Received an empty chunk for {path!r}; every chunk of a non-empty tensor carries bytes.",
+                reason="EMPTY_CHUNK",
+                field=f"{field}.data",
+            )
         if end > self._size:
             raise InvalidArgument(
                 f"Received a chunk of {path!r} ending at byte {end}, past its {self._size} bytes.",
@@ -228,56 +233,82 @@ class WeightWrite:
         if final:
             self._disk.append(_DISK.submit(writer.close))
 
+    def _deleted(self) -> NotFound:
+        return NotFound(
+            f"Model {self._resident.model_id!r} was deleted while the write streamed.",
+            reason="MODEL_NOT_FOUND",
+            field="header.model_id",
+        )
+
+    def _claim(self, phase: str) -> bool:
+        with self._phase_lock:
+            if self._phase != "open":
+                return False
+            self._phase = phase
+            return True
+
     def commit(self) -> RevisionRecord:
         """Make the write durable, then visible, as one new revision."""
-        self._finish_tensor()
-        if not self._written:
-            raise InvalidArgument(
-                "The write carried no tensor; send at least one after the header.",
-                reason="EMPTY_WRITE",
-                field="chunks",
-            )
-        for pending in self._disk:
-            pending.result()
-        resident = self._resident
-        with resident.commit_lock:
-            check_expected_revision(resident, self._expected, "header.expected_revision")
-            current = resident.state.manifest
-            for path, record in self._written.items():
-                known = current.by_path().get(path)
-                if known is None or known.shape != record.shape or known.dtype != record.dtype:
-                    raise Aborted(
-                        f"Variable {path!r} changed shape or disappeared while the write streamed.",
-                        reason="ARCHITECTURE_CHANGED",
-                        field="chunks",
-                    )
-            number = resident.revision + 1
-            manifest = Manifest(
-                layer_count=current.layer_count,
-                variables=tuple(self._written.get(v.path, v) for v in current.variables),
-            )
-            changed = [v.path for v in current.variables if v.path in self._written]
-            record = RevisionRecord(
-                model_id=resident.model_id,
-                revision=number,
-                create_time=utc_now(),
-                author=self._author,
-                message=self._message,
-                kind="write_weights",
-                summary=f"wrote {len(changed)} variable(s), {self._staged.stored_bytes} bytes",
-                architecture_changed=False,
-                architecture_revision=resident.state.revision.architecture_revision,
-                stored_bytes=self._staged.stored_bytes,
-                changed_variables=changed,
-            )
-            self._staged.commit(record, manifest, None)
-            committed = self._registry.store.read_manifest(resident.model_id, number)
-            resident.install(record, committed, self._values)
-        log.info("model %s: revision %d, %s", resident.model_id, number, record.summary)
-        return record
+        if not self._claim("committing"):
+            raise Aborted("The write was cancelled.", reason="WRITE_CANCELLED", field="chunks")
+        try:
+            self._finish_tensor()
+            if not self._written:
+                raise InvalidArgument(
+                    "The write carried no tensor; send at least one after the header.",
+                    reason="EMPTY_WRITE",
+                    field="chunks",
+                )
+            for pending in self._disk:
+                pending.result()
+        except BaseException:
+            self._discard()
+            raise
+        return self._registry.commit_revision(
+            self._resident,
+            self._staged,
+            expected_revision=self._expected,
+            prepare=self._prepare,
+            field_prefix="header.",
+        )
+
+    def _prepare(self, state: ModelState, number: int) -> Prepared:
+        current = state.manifest
+        known = current.by_path()
+        for path, record in self._written.items():
+            now = known.get(path)
+            if now is None or now.shape != record.shape or now.dtype != record.dtype:
+                raise Aborted(
+                    f"Variable {path!r} changed shape or disappeared while the write streamed.",
+                    reason="ARCHITECTURE_CHANGED",
+                    field="chunks",
+                )
+        manifest = Manifest(
+            layer_count=current.layer_count,
+            variables=tuple(self._written.get(v.path, v) for v in current.variables),
+        )
+        changed = [v.path for v in current.variables if v.path in self._written]
+        record = RevisionRecord(
+            model_id=self._resident.model_id,
+            revision=number,
+            create_time=utc_now(),
+            author=self._author,
+            message=self._message,
+            kind="write_weights",
+            summary=f"wrote {len(changed)} variable(s), {self._staged.stored_bytes} bytes",
+            architecture_changed=False,
+            architecture_revision=state.revision.architecture_revision,
+            stored_bytes=self._staged.stored_bytes,
+            changed_variables=changed,
+        )
+        return record, manifest, None, self._values
 
     def abort(self) -> None:
-        """Drop everything staged: the model stays exactly as it was."""
+        """Drop everything staged, unless a commit has claimed the write."""
+        if self._claim("aborted"):
+            self._discard()
+
+    def _discard(self) -> None:
         for pending in self._disk:
             try:
                 pending.result()
@@ -312,12 +343,14 @@ async def write_weights(
     )
     try:
         async for chunk in chunks:
-            # A chunk is checked and copied in well under a millisecond: doing it
-            # here saves a thread hop per chunk; the disk work is on its thread.
+            # Checking a chunk and queueing its copy takes well under a millisecond:
+            # doing it here saves a thread hop per chunk.
             write.add(chunk.name, chunk.dtype, chunk.shape, chunk.offset, chunk.data)
-        return await registry.run(write.commit)
-    except BaseException:
-        # Also on cancellation (the client went away): undo synchronously, since a
-        # cancelled task should not await again.
-        write.abort()
+    except asyncio.CancelledError:
+        registry.executor.submit(write.abort)  # the client went away; do not await
         raise
+    except BaseException:
+        await registry.run(write.abort)
+        raise
+    # Shielded: once the commit runs, a cancelled call must not interrupt it half way.
+    return await asyncio.shield(registry.run(write.commit))

@@ -15,7 +15,7 @@ from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.registry import ModelInfo, TensorSpecInfo
 from weightsmith_server.selectors import Selector
 from weightsmith_server.store import RevisionRecord
-from weightsmith_server.tensors import wire_dtype
+from weightsmith_server.tensors import MalformedMessage, wire_dtype
 
 AUTHOR_METADATA_KEY = "weightsmith-author"
 
@@ -142,11 +142,17 @@ async def upload_chunks(
 
 
 async def write_chunks(
-    requests: AsyncIterator[ChunkView | weight_service_pb2.WriteWeightsRequest],
+    requests: AsyncIterator[ChunkView | weight_service_pb2.WriteWeightsRequest | MalformedMessage],
 ) -> AsyncIterator[ChunkView]:
     """The tensor chunks of a WriteWeights stream after its header."""
     index = 0
     async for request in requests:
+        if isinstance(request, MalformedMessage):
+            raise InvalidArgument(
+                f"Received a malformed message: {request.problem}.",
+                reason="MALFORMED_CHUNK",
+                field=f"chunks[{index}]",
+            )
         if not isinstance(request, ChunkView):
             raise InvalidArgument(
                 "Received a message that is not a tensor chunk after the header (a second "

@@ -8,6 +8,7 @@ server never crashes on input and never leaks internals.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -33,9 +34,14 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _record(method: str, started: float, context: grpc.aio.ServicerContext) -> None:
+def _record(method: str, started: float, context: grpc.aio.ServicerContext, cancelled: bool) -> None:
     code = context.code() if hasattr(context, "code") else None
-    name = "OK" if code in (None, grpc.StatusCode.OK, 0) else getattr(code, "name", str(code))
+    if cancelled:
+        name = "CANCELLED"
+    elif code in (None, grpc.StatusCode.OK, 0):
+        name = "OK"
+    else:
+        name = getattr(code, "name", str(code))
     metrics.RPCS.labels(method, name).inc()
     metrics.RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
@@ -43,14 +49,18 @@ def _record(method: str, started: float, context: grpc.aio.ServicerContext) -> N
 def _unary_response(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
+        cancelled = False
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         except Exception as exc:
             await _abort(context, method, exc)
         finally:
-            _record(method, started, context)
+            _record(method, started, context, cancelled)
 
     return handle
 
@@ -60,6 +70,7 @@ def _stream_response(
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        cancelled = False
         try:
             result = behavior(request, context)
             if inspect.isasyncgen(result):
@@ -69,10 +80,13 @@ def _stream_response(
                 await result
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         except Exception as exc:
             await _abort(context, method, exc)
         finally:
-            _record(method, started, context)
+            _record(method, started, context, cancelled)
 
     return handle
 

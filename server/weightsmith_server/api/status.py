@@ -18,6 +18,7 @@ _CODES: dict[type[errors.WeightsmithError], int] = {
     errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     errors.Aborted: code_pb2.ABORTED,
     errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
+    errors.Unavailable: code_pb2.UNAVAILABLE,
 }
 
 
