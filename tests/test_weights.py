@@ -401,8 +401,23 @@ def test_client_abort_mid_stream_changes_nothing(client, server: ServerHandle, m
 def test_message_over_the_limit_is_resource_exhausted(small_message_server: ServerHandle) -> None:
     with weightsmith.Client(small_message_server.address) as small:
         small.create_model("big-input", keras_config=tiny_config(inputs=1024))
-        with pytest.raises(weightsmith.ResourceExhaustedError):
+        with pytest.raises(weightsmith.ResourceExhaustedError) as too_big:
             small.predict("big-input", np.zeros((2048, 1024), np.float32))  # 8 MiB > 5 MiB
+        assert too_big.value.reason == "MESSAGE_TOO_LARGE"
+        assert too_big.value.field_violations[0][0] == "request"
+        with pytest.raises(weightsmith.ResourceExhaustedError):  # over twice the limit: the transport
+            small.predict("big-input", np.zeros((4096, 1024), np.float32))
+        assert small.get_model("big-input").revision == 1
+        big = np.zeros((1024, 1536), np.float32)  # one 6 MiB chunk on a stream
+        message = _wire.encode_chunk(2, "hidden/kernel", 1, big.shape, 0, memoryview(big.tobytes()))
+        with pytest.raises(grpc.RpcError) as streamed:
+            _raw_write(small_message_server.address, [_header("big-input"), message])
+        from weightsmith.errors import from_rpc_error
+
+        error = from_rpc_error(streamed.value)
+        assert streamed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.field_violations[0][0] == "stream[1]"
+        assert small.get_model("big-input").revision == 1
         with pytest.raises(weightsmith.ResourceExhaustedError) as caught:
             small.upload_model(b"x" * (2 * 1024 * 1024), "too-big")
         assert caught.value.field_violations[0][0] == "header.size_bytes"

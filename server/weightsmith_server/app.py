@@ -60,7 +60,8 @@ class RunningServer:
 def _server_options(config: Config) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Twice the limit: ErrorInterceptor answers messages over it with details.
+        ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
         # Watch and weight streams can be long: keep idle connections alive.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -81,7 +82,9 @@ async def create_server(config: Config) -> RunningServer:
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="weightsmith-work")
     registry = Registry(store, devices, executor, config.max_upload_bytes)
 
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_server_options(config))
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(config.max_message_bytes)], options=_server_options(config)
+    )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry, config), server)
     weight_servicer.add_to_server(weight_servicer.WeightServicer(registry, config.chunk_bytes), server)
     health_servicer = health.aio.HealthServicer()

@@ -13,13 +13,14 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from weightsmith_server import metrics
 from weightsmith_server.api.status import internal_status, to_status
-from weightsmith_server.errors import WeightsmithError
+from weightsmith_server.errors import ResourceExhausted, WeightsmithError
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,57 @@ def _record(method: str, started: float, context: grpc.aio.ServicerContext, canc
     metrics.RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
-def _unary_response(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+@dataclass(frozen=True)
+class _Oversized:
+    """Stands in for a request message larger than the configured limit."""
+
+    size: int
+
+
+def _too_large(size: int, limit: int, field: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"Received a message of {size} bytes; the server accepts at most {limit} bytes per message "
+        "(--max-message-mb). Send weights and files in chunks.",
+        reason="MESSAGE_TOO_LARGE",
+        field=field,
+        metadata={"size_bytes": str(size), "limit_bytes": str(limit)},
+    )
+
+
+def _limited(deserializer: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any]:
+    """A request deserializer that marks, instead of parsing, messages over `limit`."""
+
+    def deserialize(data: bytes) -> Any:
+        if len(data) > limit:
+            return _Oversized(len(data))
+        return deserializer(data) if deserializer is not None else data
+
+    return deserialize
+
+
+def _checked(request: Any, limit: int) -> Any:
+    if isinstance(request, _Oversized):
+        raise _too_large(request.size, limit, "request")
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any], limit: int) -> AsyncIterator[Any]:
+    index = 0
+    async for request in requests:
+        if isinstance(request, _Oversized):
+            raise _too_large(request.size, limit, f"stream[{index}]")
+        index += 1
+        yield request
+
+
+def _unary_response(
+    behavior: Callable[..., Awaitable[Any]], method: str, check: Callable[[Any], Any]
+) -> Callable[..., Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         cancelled = False
         try:
-            return await behavior(request, context)
+            return await behavior(check(request), context)
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
@@ -66,13 +112,13 @@ def _unary_response(behavior: Callable[..., Awaitable[Any]], method: str) -> Cal
 
 
 def _stream_response(
-    behavior: Callable[..., AsyncIterator[Any]], method: str
+    behavior: Callable[..., AsyncIterator[Any]], method: str, check: Callable[[Any], Any]
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         started = time.perf_counter()
         cancelled = False
         try:
-            result = behavior(request, context)
+            result = behavior(check(request), context)
             if inspect.isasyncgen(result):
                 async for response in result:
                     yield response
@@ -92,7 +138,15 @@ def _stream_response(
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to statuses and records per-method metrics."""
+    """Maps exceptions to statuses, refuses oversized messages, records metrics.
+
+    The transport accepts messages up to twice `max_message_bytes`, so that
+    one over the limit reaches this interceptor and gets an answer with
+    details; beyond that the transport itself refuses it.
+    """
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self._limit = max_message_bytes
 
     async def intercept_service(
         self,
@@ -103,26 +157,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        limit = self._limit
+        options = {
+            "request_deserializer": _limited(handler.request_deserializer, limit),
+            "response_serializer": handler.response_serializer,
+        }
+        one = lambda request: _checked(request, limit)  # noqa: E731
+        many = lambda requests: _checked_stream(requests, limit)  # noqa: E731
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _unary_response(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                _unary_response(handler.unary_unary, method, one), **options
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _unary_response(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                _unary_response(handler.stream_unary, method, many), **options
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _stream_response(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                _stream_response(handler.unary_stream, method, one), **options
             )
         return grpc.stream_stream_rpc_method_handler(
-            _stream_response(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            _stream_response(handler.stream_stream, method, many), **options
         )
