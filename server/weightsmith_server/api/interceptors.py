@@ -13,6 +13,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,23 +91,30 @@ async def _checked_stream(requests: AsyncIterator[Any], limit: int) -> AsyncIter
         yield request
 
 
+@asynccontextmanager
+async def _handled(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """Turn what the handler raises into a status, and record the call."""
+    started = time.perf_counter()
+    cancelled = False
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
+    except Exception as exc:
+        await _abort(context, method, exc)
+    finally:
+        _record(method, started, context, cancelled)
+
+
 def _unary_response(
     behavior: Callable[..., Awaitable[Any]], method: str, check: Callable[[Any], Any]
 ) -> Callable[..., Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        cancelled = False
-        try:
+        async with _handled(context, method):
             return await behavior(check(request), context)
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        except Exception as exc:
-            await _abort(context, method, exc)
-        finally:
-            _record(method, started, context, cancelled)
 
     return handle
 
@@ -115,24 +123,13 @@ def _stream_response(
     behavior: Callable[..., AsyncIterator[Any]], method: str, check: Callable[[Any], Any]
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        cancelled = False
-        try:
+        async with _handled(context, method):
             result = behavior(check(request), context)
             if inspect.isasyncgen(result):
                 async for response in result:
                     yield response
             else:  # a handler that writes with `context.write` (the health service's Watch)
                 await result
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        except Exception as exc:
-            await _abort(context, method, exc)
-        finally:
-            _record(method, started, context, cancelled)
 
     return handle
 
