@@ -33,6 +33,7 @@ from weightsmith.v1 import (
     model_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
+    selector_pb2,
     tensor_pb2,
     weight_service_pb2,
     weight_service_pb2_grpc,
@@ -286,30 +287,30 @@ def test_errors_survive_pickling() -> None:
 @pytest.mark.parametrize(
     ("selector", "expected"),
     [
-        (weightsmith.Selector(), weight_service_pb2.VariableSelector()),
+        (weightsmith.Selector(), selector_pb2.VariableSelector()),
         (
             weightsmith.Selector(paths=["a/kernel"], patterns="b*/bias", layers=("c",)),
-            weight_service_pb2.VariableSelector(paths=["a/kernel"], patterns=["b*/bias"], layers=["c"]),
+            selector_pb2.VariableSelector(paths=["a/kernel"], patterns=["b*/bias"], layers=["c"]),
         ),
         (
             weightsmith.Selector(layer_range=(-5, None), kinds=["kernel"], trainable_only=True),
-            weight_service_pb2.VariableSelector(
-                layer_range=weight_service_pb2.LayerRange(start=-5),
+            selector_pb2.VariableSelector(
+                layer_range=selector_pb2.LayerRange(start=-5),
                 kinds=["kernel"],
                 trainable_only=True,
             ),
         ),
         (
             weightsmith.Selector(layer_range=(0, 0)),
-            weight_service_pb2.VariableSelector(layer_range=weight_service_pb2.LayerRange(start=0, stop=0)),
+            selector_pb2.VariableSelector(layer_range=selector_pb2.LayerRange(start=0, stop=0)),
         ),
         (
             weightsmith.Selector(layer_range=slice(None, 3)),
-            weight_service_pb2.VariableSelector(layer_range=weight_service_pb2.LayerRange(stop=3)),
+            selector_pb2.VariableSelector(layer_range=selector_pb2.LayerRange(stop=3)),
         ),
         (
             weightsmith.Selector(layer_range=(None, None)),
-            weight_service_pb2.VariableSelector(layer_range=weight_service_pb2.LayerRange()),
+            selector_pb2.VariableSelector(layer_range=selector_pb2.LayerRange()),
         ),
     ],
 )
@@ -341,11 +342,11 @@ def test_selector_rejects_bad_input(kwargs: dict[str, Any], error: type[Exceptio
 def test_selector_like_forms() -> None:
     build = _base._BaseClient._selector_proto
     assert build(None) is None
-    assert build("dense*/kernel") == weight_service_pb2.VariableSelector(patterns=["dense*/kernel"])
-    assert build(["a/*", "b/*"]) == weight_service_pb2.VariableSelector(patterns=["a/*", "b/*"])
-    proto = weight_service_pb2.VariableSelector(layers=["x"])
+    assert build("dense*/kernel") == selector_pb2.VariableSelector(patterns=["dense*/kernel"])
+    assert build(["a/*", "b/*"]) == selector_pb2.VariableSelector(patterns=["a/*", "b/*"])
+    proto = selector_pb2.VariableSelector(layers=["x"])
     assert build(proto) is proto
-    assert build(weightsmith.Selector(kinds="bias")) == weight_service_pb2.VariableSelector(kinds=["bias"])
+    assert build(weightsmith.Selector(kinds="bias")) == selector_pb2.VariableSelector(kinds=["bias"])
     with pytest.raises(TypeError, match="expected a Selector"):
         build(42)  # type: ignore[arg-type]
 
@@ -668,7 +669,7 @@ def test_read_weights_request() -> None:
     request = _base_client()._read_weights_request("m", "a/*", 2, 1 << 20)
     assert request == weight_service_pb2.ReadWeightsRequest(
         model_id="m",
-        selector=weight_service_pb2.VariableSelector(patterns=["a/*"]),
+        selector=selector_pb2.VariableSelector(patterns=["a/*"]),
         revision=2,
         chunk_size_bytes=1 << 20,
     )

@@ -25,7 +25,7 @@ import numpy as np
 from weightsmith import _wire
 from weightsmith._types import PredictResult, Selector
 from weightsmith.errors import DataLossError
-from weightsmith.v1 import model_service_pb2, tensor_pb2, weight_service_pb2
+from weightsmith.v1 import model_service_pb2, selector_pb2, tensor_pb2, weight_service_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 60.0
@@ -78,7 +78,7 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 _MESSAGE_OVERHEAD_BYTES = 1024
 
 ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
-SelectorLike: TypeAlias = Selector | str | Sequence[str] | weight_service_pb2.VariableSelector
+SelectorLike: TypeAlias = Selector | str | Sequence[str] | selector_pb2.VariableSelector
 PredictInputs: TypeAlias = np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray]
 WriteWeightsMessage: TypeAlias = weight_service_pb2.WriteWeightsRequest | bytes
 
@@ -487,10 +487,10 @@ class _BaseClient:
     @staticmethod
     def _selector_proto(
         selector: SelectorLike | None,
-    ) -> weight_service_pb2.VariableSelector | None:
+    ) -> selector_pb2.VariableSelector | None:
         if selector is None:
             return None
-        if isinstance(selector, weight_service_pb2.VariableSelector):
+        if isinstance(selector, selector_pb2.VariableSelector):
             return selector
         if isinstance(selector, Selector):
             return selector.to_proto()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from weightsmith.v1 import weight_service_pb2
+from weightsmith.v1 import selector_pb2
 
 
 def _strings(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
@@ -91,9 +91,9 @@ class Selector:
         object.__setattr__(self, "layer_range", layer_range)
         object.__setattr__(self, "trainable_only", bool(self.trainable_only))
 
-    def to_proto(self) -> weight_service_pb2.VariableSelector:
+    def to_proto(self) -> selector_pb2.VariableSelector:
         """Build the `weightsmith.v1.VariableSelector` message."""
-        selector = weight_service_pb2.VariableSelector(
+        selector = selector_pb2.VariableSelector(
             paths=self.paths,
             patterns=self.patterns,
             layers=self.layers,

@@ -9,6 +9,8 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from weightsmith.v1 import edits_pb2 as _edits_pb2
+from weightsmith.v1 import selector_pb2 as _selector_pb2
 from weightsmith.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
 import sys
@@ -35,6 +37,10 @@ class _RevisionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Revision
     """The model was created by UploadModel."""
     REVISION_KIND_WRITE_WEIGHTS: _RevisionKind.ValueType  # 3
     """Variables were overwritten by WriteWeights."""
+    REVISION_KIND_EDIT: _RevisionKind.ValueType  # 4
+    """A batch of edits was applied by ApplyEdits."""
+    REVISION_KIND_REVERT: _RevisionKind.ValueType  # 5
+    """An earlier revision was restored by RevertModel."""
 
 class RevisionKind(_RevisionKind, metaclass=_RevisionKindEnumTypeWrapper):
     """What kind of change a revision records."""
@@ -47,106 +53,11 @@ REVISION_KIND_UPLOAD: RevisionKind.ValueType  # 2
 """The model was created by UploadModel."""
 REVISION_KIND_WRITE_WEIGHTS: RevisionKind.ValueType  # 3
 """Variables were overwritten by WriteWeights."""
+REVISION_KIND_EDIT: RevisionKind.ValueType  # 4
+"""A batch of edits was applied by ApplyEdits."""
+REVISION_KIND_REVERT: RevisionKind.ValueType  # 5
+"""An earlier revision was restored by RevertModel."""
 Global___RevisionKind: _TypeAlias = RevisionKind  # noqa: Y015
-
-@_typing.final
-class VariableSelector(_message.Message):
-    """Picks variables of a model. The picks (`paths`, `patterns`, `layers`,
-    `layer_range`) are combined as a union, all variables when none is given;
-    the filters (`kinds`, `trainable_only`) then narrow that down. A selector
-    that matches no variable is rejected with INVALID_ARGUMENT.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PATHS_FIELD_NUMBER: _builtins.int
-    PATTERNS_FIELD_NUMBER: _builtins.int
-    LAYERS_FIELD_NUMBER: _builtins.int
-    LAYER_RANGE_FIELD_NUMBER: _builtins.int
-    KINDS_FIELD_NUMBER: _builtins.int
-    TRAINABLE_ONLY_FIELD_NUMBER: _builtins.int
-    trainable_only: _builtins.bool
-    """Optional. Keep only trainable variables."""
-    @_builtins.property
-    def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Exact variable paths, for example `dense_1/kernel`. Each must
-        exist.
-        """
-
-    @_builtins.property
-    def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Shell-style glob patterns over paths (`*`, `?`, `[seq]`), for
-        example `block5_*/kernel`.
-        """
-
-    @_builtins.property
-    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Layer names; picks every variable of those layers. Each must
-        exist.
-        """
-
-    @_builtins.property
-    def layer_range(self) -> Global___LayerRange:
-        """Optional. A Python-style slice over the model's layer list."""
-
-    @_builtins.property
-    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Variable kinds, the last path component: `kernel`, `bias`,
-        `gamma`, `beta`, `moving_mean`, `embeddings`, ...
-        """
-
-    def __init__(
-        self,
-        *,
-        paths: _abc.Iterable[_builtins.str] | None = ...,
-        patterns: _abc.Iterable[_builtins.str] | None = ...,
-        layers: _abc.Iterable[_builtins.str] | None = ...,
-        layer_range: Global___LayerRange | None = ...,
-        kinds: _abc.Iterable[_builtins.str] | None = ...,
-        trainable_only: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["layer_range", b"layer_range"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "layer_range", b"layer_range", "layers", b"layers", "paths", b"paths", "patterns", b"patterns", "trainable_only", b"trainable_only"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___VariableSelector: _TypeAlias = VariableSelector  # noqa: Y015
-
-@_typing.final
-class LayerRange(_message.Message):
-    """A Python-style slice `[start:stop]` over a model's layers; negative
-    values count from the end, so the last 5 layers are `start: -5`.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    START_FIELD_NUMBER: _builtins.int
-    STOP_FIELD_NUMBER: _builtins.int
-    start: _builtins.int
-    """Optional. First layer index, inclusive; from the first layer when unset."""
-    stop: _builtins.int
-    """Optional. Last layer index, exclusive; to the end when unset."""
-    def __init__(
-        self,
-        *,
-        start: _builtins.int | None = ...,
-        stop: _builtins.int | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_start", b"_start", "_stop", b"_stop", "start", b"start", "stop", b"stop"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_start", b"_start", "_stop", b"_stop", "start", b"start", "stop", b"stop"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__start: _TypeAlias = _typing.Literal["start"]  # noqa: Y015
-    _WhichOneofArgType__start: _TypeAlias = _typing.Literal["_start", b"_start"]  # noqa: Y015
-    _WhichOneofReturnType__stop: _TypeAlias = _typing.Literal["stop"]  # noqa: Y015
-    _WhichOneofArgType__stop: _TypeAlias = _typing.Literal["_stop", b"_stop"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__start) -> _WhichOneofReturnType__start | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__stop) -> _WhichOneofReturnType__stop | None: ...
-
-Global___LayerRange: _TypeAlias = LayerRange  # noqa: Y015
 
 @_typing.final
 class Revision(_message.Message):
@@ -164,6 +75,8 @@ class Revision(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_CHANGED_FIELD_NUMBER: _builtins.int
     STORED_BYTES_FIELD_NUMBER: _builtins.int
+    EDITS_FIELD_NUMBER: _builtins.int
+    REVERTED_TO_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Output only. The model's id."""
     revision: _builtins.int
@@ -186,6 +99,8 @@ class Revision(_message.Message):
     """
     stored_bytes: _builtins.int
     """Output only. Bytes of variable data this revision stored."""
+    reverted_to: _builtins.int
+    """Output only. For reverts, the revision restored."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it was committed."""
@@ -195,6 +110,10 @@ class Revision(_message.Message):
         """Output only. Paths of the variables whose values this revision changed
         (every variable for revision 1).
         """
+
+    @_builtins.property
+    def edits(self) -> _containers.RepeatedCompositeFieldContainer[_edits_pb2.EditResult]:
+        """Output only. For edits, what each edit of the batch did."""
 
     def __init__(
         self,
@@ -209,10 +128,12 @@ class Revision(_message.Message):
         summary: _builtins.str = ...,
         architecture_changed: _builtins.bool = ...,
         stored_bytes: _builtins.int = ...,
+        edits: _abc.Iterable[_edits_pb2.EditResult] | None = ...,
+        reverted_to: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_changed", b"architecture_changed", "author", b"author", "changed_variables", b"changed_variables", "create_time", b"create_time", "kind", b"kind", "message", b"message", "model_id", b"model_id", "revision", b"revision", "stored_bytes", b"stored_bytes", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_changed", b"architecture_changed", "author", b"author", "changed_variables", b"changed_variables", "create_time", b"create_time", "edits", b"edits", "kind", b"kind", "message", b"message", "model_id", b"model_id", "reverted_to", b"reverted_to", "revision", b"revision", "stored_bytes", b"stored_bytes", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,14 +158,14 @@ class ReadWeightsRequest(_message.Message):
     default.
     """
     @_builtins.property
-    def selector(self) -> Global___VariableSelector:
+    def selector(self) -> _selector_pb2.VariableSelector:
         """Optional. Which variables; all of them when unset."""
 
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
-        selector: Global___VariableSelector | None = ...,
+        selector: _selector_pb2.VariableSelector | None = ...,
         revision: _builtins.int = ...,
         chunk_size_bytes: _builtins.int = ...,
     ) -> None: ...
@@ -490,3 +411,259 @@ class GetRevisionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRevisionResponse: _TypeAlias = GetRevisionResponse  # noqa: Y015
+
+@_typing.final
+class ApplyEditsRequest(_message.Message):
+    """Request for WeightService.ApplyEdits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    EDITS_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Required. The model's id."""
+    expected_revision: _builtins.int
+    """Optional. Commit only if the model is still at this revision; ABORTED
+    otherwise.
+    """
+    message: _builtins.str
+    """Optional. Message recorded on the new revision."""
+    dry_run: _builtins.bool
+    """Optional. Validate and report without committing anything."""
+    @_builtins.property
+    def edits(self) -> _containers.RepeatedCompositeFieldContainer[_edits_pb2.Edit]:
+        """Required. The edits, applied in order; at least one."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        edits: _abc.Iterable[_edits_pb2.Edit] | None = ...,
+        expected_revision: _builtins.int | None = ...,
+        message: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "dry_run", b"dry_run", "edits", b"edits", "expected_revision", b"expected_revision", "message", b"message", "model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
+    _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_revision) -> _WhichOneofReturnType__expected_revision | None: ...
+
+Global___ApplyEditsRequest: _TypeAlias = ApplyEditsRequest  # noqa: Y015
+
+@_typing.final
+class ApplyEditsResponse(_message.Message):
+    """Response for WeightService.ApplyEdits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revision(self) -> Global___Revision:
+        """The committed revision; unset for a dry run."""
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[_edits_pb2.EditResult]:
+        """What each edit did (or would do), in request order."""
+
+    def __init__(
+        self,
+        *,
+        revision: Global___Revision | None = ...,
+        results: _abc.Iterable[_edits_pb2.EditResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyEditsResponse: _TypeAlias = ApplyEditsResponse  # noqa: Y015
+
+@_typing.final
+class DiffRevisionsRequest(_message.Message):
+    """Request for WeightService.DiffRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    FROM_REVISION_FIELD_NUMBER: _builtins.int
+    TO_REVISION_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Required. The model's id."""
+    from_revision: _builtins.int
+    """Required. The earlier revision, at least 1."""
+    to_revision: _builtins.int
+    """Optional. The later revision; 0 for the current one."""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        from_revision: _builtins.int = ...,
+        to_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "model_id", b"model_id", "to_revision", b"to_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffRevisionsRequest: _TypeAlias = DiffRevisionsRequest  # noqa: Y015
+
+@_typing.final
+class VariableDiff(_message.Message):
+    """How one variable differs between two revisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    DELTA_L2_FIELD_NUMBER: _builtins.int
+    MAX_ABS_DELTA_FIELD_NUMBER: _builtins.int
+    FRACTION_CHANGED_FIELD_NUMBER: _builtins.int
+    SHAPE_CHANGED_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The variable path."""
+    delta_l2: _builtins.float
+    """L2 norm of `to - from`."""
+    max_abs_delta: _builtins.float
+    """Largest absolute element of `to - from`."""
+    fraction_changed: _builtins.float
+    """Fraction of elements that differ, 0 to 1."""
+    shape_changed: _builtins.bool
+    """Whether the shape or dtype differs (the deltas are then unset)."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        delta_l2: _builtins.float = ...,
+        max_abs_delta: _builtins.float = ...,
+        fraction_changed: _builtins.float = ...,
+        shape_changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_l2", b"delta_l2", "fraction_changed", b"fraction_changed", "max_abs_delta", b"max_abs_delta", "path", b"path", "shape_changed", b"shape_changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariableDiff: _TypeAlias = VariableDiff  # noqa: Y015
+
+@_typing.final
+class DiffRevisionsResponse(_message.Message):
+    """Response for WeightService.DiffRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_REVISION_FIELD_NUMBER: _builtins.int
+    TO_REVISION_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_COUNT_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_CHANGED_FIELD_NUMBER: _builtins.int
+    from_revision: _builtins.int
+    """The revisions compared."""
+    to_revision: _builtins.int
+    """The later revision compared."""
+    unchanged_count: _builtins.int
+    """Number of variables in both revisions with identical values."""
+    architecture_changed: _builtins.bool
+    """Whether the architecture differs."""
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariableDiff]:
+        """Variables in both revisions whose values differ, in the later
+        revision's order.
+        """
+
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Paths only in the later revision."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Paths only in the earlier revision."""
+
+    def __init__(
+        self,
+        *,
+        from_revision: _builtins.int = ...,
+        to_revision: _builtins.int = ...,
+        changed: _abc.Iterable[Global___VariableDiff] | None = ...,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+        unchanged_count: _builtins.int = ...,
+        architecture_changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "architecture_changed", b"architecture_changed", "changed", b"changed", "from_revision", b"from_revision", "removed", b"removed", "to_revision", b"to_revision", "unchanged_count", b"unchanged_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffRevisionsResponse: _TypeAlias = DiffRevisionsResponse  # noqa: Y015
+
+@_typing.final
+class RevertModelRequest(_message.Message):
+    """Request for WeightService.RevertModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    TO_REVISION_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Required. The model's id."""
+    to_revision: _builtins.int
+    """Required. The revision to restore, at least 1."""
+    expected_revision: _builtins.int
+    """Optional. Commit only if the model is still at this revision."""
+    message: _builtins.str
+    """Optional. Message recorded on the new revision."""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        to_revision: _builtins.int = ...,
+        expected_revision: _builtins.int | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision", "message", b"message", "model_id", b"model_id", "to_revision", b"to_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
+    _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_revision) -> _WhichOneofReturnType__expected_revision | None: ...
+
+Global___RevertModelRequest: _TypeAlias = RevertModelRequest  # noqa: Y015
+
+@_typing.final
+class RevertModelResponse(_message.Message):
+    """Response for WeightService.RevertModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revision(self) -> Global___Revision:
+        """The new revision, equal in weights and architecture to `to_revision`."""
+
+    def __init__(
+        self,
+        *,
+        revision: Global___Revision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevertModelResponse: _TypeAlias = RevertModelResponse  # noqa: Y015

@@ -56,6 +56,21 @@ class WeightServiceStub:
                 request_serializer=weightsmith_dot_v1_dot_weight__service__pb2.GetRevisionRequest.SerializeToString,
                 response_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.GetRevisionResponse.FromString,
                 _registered_method=True)
+        self.ApplyEdits = channel.unary_unary(
+                '/weightsmith.v1.WeightService/ApplyEdits',
+                request_serializer=weightsmith_dot_v1_dot_weight__service__pb2.ApplyEditsRequest.SerializeToString,
+                response_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.ApplyEditsResponse.FromString,
+                _registered_method=True)
+        self.DiffRevisions = channel.unary_unary(
+                '/weightsmith.v1.WeightService/DiffRevisions',
+                request_serializer=weightsmith_dot_v1_dot_weight__service__pb2.DiffRevisionsRequest.SerializeToString,
+                response_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.DiffRevisionsResponse.FromString,
+                _registered_method=True)
+        self.RevertModel = channel.unary_unary(
+                '/weightsmith.v1.WeightService/RevertModel',
+                request_serializer=weightsmith_dot_v1_dot_weight__service__pb2.RevertModelRequest.SerializeToString,
+                response_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.RevertModelResponse.FromString,
+                _registered_method=True)
 
 
 class WeightServiceServicer:
@@ -94,6 +109,30 @@ class WeightServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyEdits(self, request, context):
+        """Applies a batch of typed edits atomically as one revision, or with
+        `dry_run` only reports what they would do. If any edit is invalid
+        nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiffRevisions(self, request, context):
+        """Compares two revisions variable by variable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevertModel(self, request, context):
+        """Restores a revision's weights and architecture bit-exactly as a new
+        revision; history is never rewritten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +155,21 @@ def add_WeightServiceServicer_to_server(servicer, server):
                     servicer.GetRevision,
                     request_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.GetRevisionRequest.FromString,
                     response_serializer=weightsmith_dot_v1_dot_weight__service__pb2.GetRevisionResponse.SerializeToString,
+            ),
+            'ApplyEdits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyEdits,
+                    request_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.ApplyEditsRequest.FromString,
+                    response_serializer=weightsmith_dot_v1_dot_weight__service__pb2.ApplyEditsResponse.SerializeToString,
+            ),
+            'DiffRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiffRevisions,
+                    request_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.DiffRevisionsRequest.FromString,
+                    response_serializer=weightsmith_dot_v1_dot_weight__service__pb2.DiffRevisionsResponse.SerializeToString,
+            ),
+            'RevertModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertModel,
+                    request_deserializer=weightsmith_dot_v1_dot_weight__service__pb2.RevertModelRequest.FromString,
+                    response_serializer=weightsmith_dot_v1_dot_weight__service__pb2.RevertModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +282,87 @@ class WeightService:
             '/weightsmith.v1.WeightService/GetRevision',
             weightsmith_dot_v1_dot_weight__service__pb2.GetRevisionRequest.SerializeToString,
             weightsmith_dot_v1_dot_weight__service__pb2.GetRevisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyEdits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsmith.v1.WeightService/ApplyEdits',
+            weightsmith_dot_v1_dot_weight__service__pb2.ApplyEditsRequest.SerializeToString,
+            weightsmith_dot_v1_dot_weight__service__pb2.ApplyEditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsmith.v1.WeightService/DiffRevisions',
+            weightsmith_dot_v1_dot_weight__service__pb2.DiffRevisionsRequest.SerializeToString,
+            weightsmith_dot_v1_dot_weight__service__pb2.DiffRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevertModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsmith.v1.WeightService/RevertModel',
+            weightsmith_dot_v1_dot_weight__service__pb2.RevertModelRequest.SerializeToString,
+            weightsmith_dot_v1_dot_weight__service__pb2.RevertModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,17 @@ class WeightServiceStub:
     """Lists a model's revisions, newest first."""
     GetRevision: _grpc.UnaryUnaryMultiCallable[_weight_service_pb2.GetRevisionRequest, _weight_service_pb2.GetRevisionResponse]
     """Returns one revision of a model."""
+    ApplyEdits: _grpc.UnaryUnaryMultiCallable[_weight_service_pb2.ApplyEditsRequest, _weight_service_pb2.ApplyEditsResponse]
+    """Applies a batch of typed edits atomically as one revision, or with
+    `dry_run` only reports what they would do. If any edit is invalid
+    nothing changes.
+    """
+    DiffRevisions: _grpc.UnaryUnaryMultiCallable[_weight_service_pb2.DiffRevisionsRequest, _weight_service_pb2.DiffRevisionsResponse]
+    """Compares two revisions variable by variable."""
+    RevertModel: _grpc.UnaryUnaryMultiCallable[_weight_service_pb2.RevertModelRequest, _weight_service_pb2.RevertModelResponse]
+    """Restores a revision's weights and architecture bit-exactly as a new
+    revision; history is never rewritten.
+    """
 
 @_typing.type_check_only
 class WeightServiceAsyncStub(WeightServiceStub):
@@ -69,6 +80,17 @@ class WeightServiceAsyncStub(WeightServiceStub):
     """Lists a model's revisions, newest first."""
     GetRevision: _aio.UnaryUnaryMultiCallable[_weight_service_pb2.GetRevisionRequest, _weight_service_pb2.GetRevisionResponse]  # type: ignore[assignment]
     """Returns one revision of a model."""
+    ApplyEdits: _aio.UnaryUnaryMultiCallable[_weight_service_pb2.ApplyEditsRequest, _weight_service_pb2.ApplyEditsResponse]  # type: ignore[assignment]
+    """Applies a batch of typed edits atomically as one revision, or with
+    `dry_run` only reports what they would do. If any edit is invalid
+    nothing changes.
+    """
+    DiffRevisions: _aio.UnaryUnaryMultiCallable[_weight_service_pb2.DiffRevisionsRequest, _weight_service_pb2.DiffRevisionsResponse]  # type: ignore[assignment]
+    """Compares two revisions variable by variable."""
+    RevertModel: _aio.UnaryUnaryMultiCallable[_weight_service_pb2.RevertModelRequest, _weight_service_pb2.RevertModelResponse]  # type: ignore[assignment]
+    """Restores a revision's weights and architecture bit-exactly as a new
+    revision; history is never rewritten.
+    """
 
 class WeightServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reads and writes model weights and walks their revision history. Every
@@ -111,5 +133,34 @@ class WeightServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weight_service_pb2.GetRevisionResponse, _abc.Awaitable[_weight_service_pb2.GetRevisionResponse]]:
         """Returns one revision of a model."""
+
+    @_abc_1.abstractmethod
+    def ApplyEdits(
+        self,
+        request: _weight_service_pb2.ApplyEditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weight_service_pb2.ApplyEditsResponse, _abc.Awaitable[_weight_service_pb2.ApplyEditsResponse]]:
+        """Applies a batch of typed edits atomically as one revision, or with
+        `dry_run` only reports what they would do. If any edit is invalid
+        nothing changes.
+        """
+
+    @_abc_1.abstractmethod
+    def DiffRevisions(
+        self,
+        request: _weight_service_pb2.DiffRevisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weight_service_pb2.DiffRevisionsResponse, _abc.Awaitable[_weight_service_pb2.DiffRevisionsResponse]]:
+        """Compares two revisions variable by variable."""
+
+    @_abc_1.abstractmethod
+    def RevertModel(
+        self,
+        request: _weight_service_pb2.RevertModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weight_service_pb2.RevertModelResponse, _abc.Awaitable[_weight_service_pb2.RevertModelResponse]]:
+        """Restores a revision's weights and architecture bit-exactly as a new
+        revision; history is never rewritten.
+        """
 
 def add_WeightServiceServicer_to_server(servicer: WeightServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

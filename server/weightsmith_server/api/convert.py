@@ -9,7 +9,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from weightsmith._wire import ChunkView
-from weightsmith.v1 import model_pb2, model_service_pb2, tensor_pb2, weight_service_pb2
+from weightsmith.v1 import model_pb2, model_service_pb2, selector_pb2, tensor_pb2, weight_service_pb2
 from weightsmith_server import architecture
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.registry import ModelInfo, TensorSpecInfo
@@ -98,7 +98,7 @@ def revision(record: RevisionRecord) -> weight_service_pb2.Revision:
     )
 
 
-def selector(message: weight_service_pb2.VariableSelector) -> Selector:
+def selector(message: selector_pb2.VariableSelector) -> Selector:
     layer_range = None
     if message.HasField("layer_range"):
         layer_range = (
