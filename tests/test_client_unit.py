@@ -753,6 +753,7 @@ def test_channel_options() -> None:
         ("weightsmith.v1.WeightService", "ReadWeights"),
         ("weightsmith.v1.WeightService", "ListRevisions"),
         ("weightsmith.v1.WeightService", "GetRevision"),
+        ("weightsmith.v1.WeightService", "DiffRevisions"),
     }
     assert method_config["retryPolicy"] == {
         "maxAttempts": 5,

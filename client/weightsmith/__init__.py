@@ -3,7 +3,9 @@
 The client needs only grpcio, protobuf and numpy; it never imports TensorFlow.
 `Client` blocks, `AsyncClient` is its asyncio twin with the same methods.
 Every failure raises a `WeightsmithError` subclass, one per gRPC status code,
-carrying the server's field violations and reason.
+carrying the server's field violations and reason. `weightsmith.edits` builds
+the typed edits (scale, prune, quantize, interpolate, replace_head, ...) that
+`apply_edits` commits as one revision.
 
 Example:
 
@@ -16,9 +18,12 @@ with weightsmith.Client("127.0.0.1:50051") as client:
     head = client.read_weights("tiny", weightsmith.Selector(layer_range=(-1, None)))
     client.write_weights("tiny", {p: a * 0.5 for p, a in head.items()},
                          message="halve the head")
+    client.apply_edits("tiny", [weightsmith.edits.prune("*/kernel", 0.3)], message="prune")
+    print(client.diff_revisions("tiny", 1).changed[0].path)
 ```
 """
 
+from weightsmith import edits
 from weightsmith._async_client import AsyncClient
 from weightsmith._types import PredictResult, Selector
 from weightsmith.client import Client
@@ -66,4 +71,5 @@ __all__ = [
     "UnimplementedError",
     "UnknownError",
     "WeightsmithError",
+    "edits",
 ]

@@ -23,9 +23,9 @@ import grpc
 import numpy as np
 
 from weightsmith import _wire
-from weightsmith._types import PredictResult, Selector
+from weightsmith._types import PredictResult, SelectorLike, selector_to_proto
 from weightsmith.errors import DataLossError
-from weightsmith.v1 import model_service_pb2, selector_pb2, tensor_pb2, weight_service_pb2
+from weightsmith.v1 import edits_pb2, model_service_pb2, tensor_pb2, weight_service_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 60.0
@@ -47,6 +47,7 @@ RETRIED_METHODS: tuple[tuple[str, str], ...] = (
     (WEIGHT_SERVICE, "ReadWeights"),
     (WEIGHT_SERVICE, "ListRevisions"),
     (WEIGHT_SERVICE, "GetRevision"),
+    (WEIGHT_SERVICE, "DiffRevisions"),
 )
 
 SERVICE_CONFIG: dict[str, Any] = {
@@ -78,7 +79,6 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 _MESSAGE_OVERHEAD_BYTES = 1024
 
 ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
-SelectorLike: TypeAlias = Selector | str | Sequence[str] | selector_pb2.VariableSelector
 PredictInputs: TypeAlias = np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray]
 WriteWeightsMessage: TypeAlias = weight_service_pb2.WriteWeightsRequest | bytes
 
@@ -484,24 +484,8 @@ class _BaseClient:
 
     # --- WeightService requests ---------------------------------------------
 
-    @staticmethod
-    def _selector_proto(
-        selector: SelectorLike | None,
-    ) -> selector_pb2.VariableSelector | None:
-        if selector is None:
-            return None
-        if isinstance(selector, selector_pb2.VariableSelector):
-            return selector
-        if isinstance(selector, Selector):
-            return selector.to_proto()
-        if isinstance(selector, str) or (
-            isinstance(selector, Sequence) and all(isinstance(p, str) for p in selector)
-        ):
-            return Selector(patterns=selector).to_proto()
-        raise TypeError(
-            f"Received an invalid `selector`, expected a Selector, a glob string or a list of "
-            f"glob strings. Received: {selector!r}"
-        )
+    # Shared with `weightsmith.edits`, which builds selectors without a client.
+    _selector_proto = staticmethod(selector_to_proto)
 
     def _read_weights_request(
         self,
@@ -566,6 +550,58 @@ class _BaseClient:
                     yield _wire.encode_chunk(2, *fields)
 
         return messages()
+
+    @staticmethod
+    def _apply_edits_request(
+        model_id: str,
+        edits: Sequence[edits_pb2.Edit],
+        *,
+        expected_revision: int | None,
+        message: str,
+        dry_run: bool,
+    ) -> weight_service_pb2.ApplyEditsRequest:
+        if isinstance(edits, edits_pb2.Edit) or not isinstance(edits, Sequence):
+            raise TypeError(
+                f"Received an invalid `edits`, expected a list of `Edit`s built with "
+                f"`weightsmith.edits`. Received: {type(edits).__name__}"
+            )
+        if not edits:
+            raise ValueError("Received no edits, expected at least one `weightsmith.edits` operation.")
+        for i, edit in enumerate(edits):
+            if not isinstance(edit, edits_pb2.Edit):
+                raise TypeError(
+                    f"Received an invalid `edits[{i}]`, expected an `Edit` built with "
+                    f"`weightsmith.edits`, such as `edits.scale('*/kernel', 0.5)`. Received: {edit!r}"
+                )
+            if edit.WhichOneof("op") is None:
+                raise ValueError(f"Received an empty `edits[{i}]`, expected an `Edit` with its `op` set.")
+        request = weight_service_pb2.ApplyEditsRequest(
+            model_id=model_id, edits=edits, message=message, dry_run=bool(dry_run)
+        )
+        if expected_revision is not None:
+            request.expected_revision = _check_int("expected_revision", expected_revision, 1)
+        return request
+
+    @staticmethod
+    def _diff_revisions_request(
+        model_id: str, from_revision: int, to_revision: int
+    ) -> weight_service_pb2.DiffRevisionsRequest:
+        return weight_service_pb2.DiffRevisionsRequest(
+            model_id=model_id,
+            from_revision=_check_int("from_revision", from_revision, 1),
+            to_revision=_check_int("to_revision", to_revision, 0),
+        )
+
+    @staticmethod
+    def _revert_model_request(
+        model_id: str, to_revision: int, *, expected_revision: int | None, message: str
+    ) -> weight_service_pb2.RevertModelRequest:
+        request = weight_service_pb2.RevertModelRequest(
+            model_id=model_id, to_revision=_check_int("to_revision", to_revision, 1), message=message
+        )
+        if expected_revision is not None:
+            request.expected_revision = _check_int("expected_revision", expected_revision, 1)
+        return request
 
     @staticmethod
     def _upload_data_messages(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 
@@ -110,6 +111,27 @@ class Selector:
             if stop is not None:
                 selector.layer_range.stop = stop
         return selector
+
+
+SelectorLike: TypeAlias = Selector | str | Sequence[str] | selector_pb2.VariableSelector
+
+
+def selector_to_proto(selector: SelectorLike | None) -> selector_pb2.VariableSelector | None:
+    """Build a `VariableSelector` from any form a selector argument accepts; None stays None."""
+    if selector is None:
+        return None
+    if isinstance(selector, selector_pb2.VariableSelector):
+        return selector
+    if isinstance(selector, Selector):
+        return selector.to_proto()
+    if isinstance(selector, str) or (
+        isinstance(selector, Sequence) and all(isinstance(p, str) for p in selector)
+    ):
+        return Selector(patterns=selector).to_proto()
+    raise TypeError(
+        f"Received an invalid `selector`, expected a Selector, a glob string or a list of "
+        f"glob strings. Received: {selector!r}"
+    )
 
 
 @dataclass(frozen=True, eq=False)

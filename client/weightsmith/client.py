@@ -36,6 +36,7 @@ from weightsmith._base import (
 from weightsmith._types import PredictResult
 from weightsmith.errors import translate_errors
 from weightsmith.v1 import (
+    edits_pb2,
     model_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
@@ -52,8 +53,9 @@ class Client(_BaseClient):
     `weightsmith.WeightsmithError` subclass, one per gRPC status code.
 
     Reads (`get_model`, `list_models`, `predict`, `server_info`,
-    `read_weights`, `list_revisions`, `get_revision`) are retried on
-    UNAVAILABLE with exponential backoff; mutations are never retried.
+    `read_weights`, `list_revisions`, `get_revision`, `diff_revisions`) are
+    retried on UNAVAILABLE with exponential backoff; mutations (including
+    `apply_edits` and `revert_model`) are never retried.
 
     Args:
         target: The server address, `host:port` or any gRPC target URI.
@@ -547,4 +549,115 @@ class Client(_BaseClient):
         request = weight_service_pb2.GetRevisionRequest(model_id=model_id, revision=revision)
         with translate_errors():
             response = self._weights.GetRevision(request, timeout=self._timeout, metadata=self._metadata)
+        return response.revision
+
+    # --- edits ----------------------------------------------------------------
+
+    def apply_edits(
+        self,
+        model_id: str,
+        edits: Sequence[edits_pb2.Edit],
+        *,
+        expected_revision: int | None = None,
+        message: str = "",
+        dry_run: bool = False,
+    ) -> weight_service_pb2.ApplyEditsResponse:
+        """Apply a batch of typed edits atomically, committed as one new revision.
+
+        The edits apply in order, each seeing the result of the ones before;
+        if any is invalid nothing changes. Build them with `weightsmith.edits`.
+        Never retried: replaying it could commit the batch twice.
+
+        Args:
+            model_id: The model's id.
+            edits: The edits, at least one.
+            expected_revision: Commit only if the model is still at this
+                revision, else raise `AbortedError`; None to apply regardless.
+            message: Recorded on the new revision.
+            dry_run: Validate and report what the edits would do without
+                committing anything.
+
+        Returns:
+            The response: `revision` (the committed `Revision`, unset for a
+            dry run) and `results`, one `EditResult` per edit.
+
+        Example:
+
+        ```python
+        from weightsmith import edits
+
+        response = client.apply_edits(
+            "tiny",
+            [edits.prune("*/kernel", 0.5), edits.quantize("*/kernel", bits=8)],
+            message="prune and quantize",
+        )
+        print(response.revision.revision, [r.elements_changed for r in response.results])
+        ```
+        """
+        request = self._apply_edits_request(
+            model_id, edits, expected_revision=expected_revision, message=message, dry_run=dry_run
+        )
+        with translate_errors():
+            return self._weights.ApplyEdits(request, timeout=self._timeout, metadata=self._metadata)
+
+    def diff_revisions(
+        self, model_id: str, from_revision: int, to_revision: int = 0
+    ) -> weight_service_pb2.DiffRevisionsResponse:
+        """Compare two revisions of a model variable by variable.
+
+        Args:
+            model_id: The model's id.
+            from_revision: The earlier revision, at least 1.
+            to_revision: The later revision; 0 for the current one.
+
+        Returns:
+            The diff: `changed` (a `VariableDiff` per variable whose values
+            differ), `added`, `removed`, `unchanged_count` and
+            `architecture_changed`.
+
+        Example:
+
+        ```python
+        diff = client.diff_revisions("tiny", 1)
+        for variable in diff.changed:
+            print(variable.path, variable.delta_l2, variable.fraction_changed)
+        ```
+        """
+        request = self._diff_revisions_request(model_id, from_revision, to_revision)
+        with translate_errors():
+            return self._weights.DiffRevisions(request, timeout=self._timeout, metadata=self._metadata)
+
+    def revert_model(
+        self,
+        model_id: str,
+        to_revision: int,
+        *,
+        expected_revision: int | None = None,
+        message: str = "",
+    ) -> weight_service_pb2.Revision:
+        """Restore an earlier revision's weights and architecture as a new revision.
+
+        History is never rewritten: the restored state is committed on top.
+
+        Args:
+            model_id: The model's id.
+            to_revision: The revision to restore, at least 1.
+            expected_revision: Commit only if the model is still at this
+                revision, else raise `AbortedError`; None to revert regardless.
+            message: Recorded on the new revision.
+
+        Returns:
+            The committed `Revision`; its `reverted_to` is `to_revision`.
+
+        Example:
+
+        ```python
+        revision = client.revert_model("tiny", 1, message="undo the pruning")
+        ```
+        """
+        request = self._revert_model_request(
+            model_id, to_revision, expected_revision=expected_revision, message=message
+        )
+        with translate_errors():
+            response = self._weights.RevertModel(request, timeout=self._timeout, metadata=self._metadata)
         return response.revision

@@ -80,7 +80,7 @@ async def create_server(config: Config) -> RunningServer:
     store = Store(config.store)
     devices = Devices(config.device)
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="weightsmith-work")
-    registry = Registry(store, devices, executor, config.max_upload_bytes)
+    registry = Registry(store, devices, executor, config.max_upload_bytes, config.retain_revisions)
 
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.max_message_bytes)], options=_server_options(config)

@@ -202,10 +202,39 @@ def load_upload(path: Path, *, device: str, field: str) -> Any:
     return _require_built(model, field)
 
 
-def rebuild(config_json: str, *, device: str) -> Any:
-    """Rebuild a stored architecture (already checked when first accepted)."""
+def rebuild(config_json: str, *, device: str, seed: int | None = None) -> Any:
+    """Rebuild a checked architecture; `seed` fixes the fresh variables' values."""
     import keras
     import tensorflow as tf
 
     with _BUILD_LOCK, tf.device(device):
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
         return keras.models.model_from_json(config_json)
+
+
+def layer_config(class_name: str, config: dict[str, Any], *, field: str) -> dict[str, Any]:
+    """A serialized builtin Keras layer, checked: only `keras.layers` classes."""
+    import keras
+
+    candidate = getattr(keras.layers, class_name, None) if class_name.isidentifier() else None
+    if (
+        class_name in _FORBIDDEN_CLASSES
+        or not isinstance(candidate, type)
+        or not issubclass(candidate, keras.layers.Layer)
+    ):
+        raise InvalidArgument(
+            f"Received layer class {class_name[:100]!r}, expected a builtin layer of `keras.layers` "
+            "such as `Dense`, `Dropout` or `GlobalAveragePooling2D` (code-running layers such as "
+            "`Lambda` are refused).",
+            reason="UNKNOWN_LAYER_CLASS",
+            field=f"{field}.class_name",
+        )
+    serialized = {
+        "module": "keras.layers",
+        "class_name": class_name,
+        "config": config,
+        "registered_name": None,
+    }
+    check_builtin_config(serialized, field=f"{field}.config")
+    return serialized

@@ -26,6 +26,7 @@ class Config:
     max_upload_mb: int = 4096
     chunk_kb: int = 2048
     workers: int = 8
+    retain_revisions: int = 0
     grace_seconds: float = 10.0
     metrics_address: str = ""
     log_format: str = "text"
@@ -52,6 +53,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("max-upload-mb", int, "largest `.keras` upload, in MiB"),
     ("chunk-kb", int, "size of the weight chunks the server sends, in KiB (64 to 4096)"),
     ("workers", int, "threads for blocking request work"),
+    ("retain-revisions", int, "keep only the last N revisions of each model (0 keeps all)"),
     ("grace-seconds", float, "how long SIGTERM waits for in-flight calls"),
     ("metrics-address", str, "host:port of the Prometheus endpoint; empty disables it"),
     ("log-format", str, "`text` or `json`"),
@@ -83,6 +85,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         parser.error(f"--chunk-kb must be between 64 and 4096, received {config.chunk_kb}")
     if config.max_message_mb < 5:
         parser.error(f"--max-message-mb must be at least 5, received {config.max_message_mb}")
+    if config.retain_revisions < 0:
+        parser.error(f"--retain-revisions must be 0 or more, received {config.retain_revisions}")
     if config.log_format not in ("text", "json"):
         parser.error(f"--log-format must be `text` or `json`, received {config.log_format!r}")
     return config

@@ -154,14 +154,25 @@ class ResidentModel:
     def revision(self) -> int:
         return self.state.revision.revision
 
-    def install(self, revision: RevisionRecord, manifest: Manifest, values: dict[str, np.ndarray]) -> None:
-        """Assign new values and swap in the new state, atomically for readers."""
+    def install(self, prepared: Prepared, manifest: Manifest) -> None:
+        """Make a committed revision the resident state, atomically for readers.
+
+        A rebuilt model gets its values before it becomes visible; otherwise
+        the new values go into the live variables under the write lock.
+        """
+        if prepared.keras_model is not None:
+            variables = {entry.path: v for entry, v in model_variables(prepared.keras_model)}
+            for path, value in prepared.values.items():
+                adopt(variables[path], value)
+            with self.lock.write():
+                self.state = ModelState(prepared.record, manifest, prepared.keras_model, variables)
+            return
         state = self.state
         with self.lock.write():
-            for path, value in values.items():
+            for path, value in prepared.values.items():
                 adopt(state.variables[path], value)
             self.state = ModelState(
-                revision=revision,
+                revision=prepared.record,
                 manifest=manifest,
                 keras_model=state.keras_model,
                 variables=state.variables,
@@ -295,10 +306,21 @@ def _order_inputs(model: Any, inputs: Sequence[tuple[str, np.ndarray]]) -> list[
     return [a for a in ordered if a is not None]
 
 
-# What `prepare` returns for `Registry.commit_revision`: the revision record,
-# the full manifest (staged entries under `tensors/`), the architecture JSON
-# when it changed, and the new values to install, by variable path.
-Prepared = tuple[RevisionRecord, Manifest, str | None, dict[str, np.ndarray]]
+@dataclass
+class Prepared:
+    """A revision ready to commit, built by a mutation under the commit lock.
+
+    `manifest` lists every variable (staged entries under `tensors/`);
+    `values` holds the new values by path. When the architecture changes,
+    `architecture_json` is its config and `keras_model` the rebuilt model,
+    and `values` covers every one of its variables.
+    """
+
+    record: RevisionRecord
+    manifest: Manifest
+    values: dict[str, np.ndarray]
+    architecture_json: str | None = None
+    keras_model: Any = None
 
 
 def check_expected_revision(resident: ResidentModel, expected: int | None, field: str) -> None:
@@ -343,12 +365,18 @@ class Registry:
     """All resident models of a server, backed by the store."""
 
     def __init__(
-        self, store: Store, devices: Devices, executor: ThreadPoolExecutor, max_upload_bytes: int
+        self,
+        store: Store,
+        devices: Devices,
+        executor: ThreadPoolExecutor,
+        max_upload_bytes: int,
+        retain_revisions: int = 0,
     ) -> None:
         self.store = store
         self.devices = devices
         self.executor = executor
         self.max_upload_bytes = max_upload_bytes
+        self.retain_revisions = retain_revisions
         self._models: dict[str, ResidentModel] = {}
         self._unrestorable: dict[str, str] = {}
         self._reserved: set[str] = set()
@@ -681,8 +709,8 @@ class Registry:
                     )
                 check_expected_revision(resident, expected_revision, f"{field_prefix}expected_revision")
                 number = resident.revision + 1
-                record, manifest, architecture_json, values = prepare(resident.state, number)
-                committed = staged.commit(record, manifest, architecture_json)
+                prepared = prepare(resident.state, number)
+                committed = staged.commit(prepared.record, prepared.manifest, prepared.architecture_json)
             except BaseException:
                 if not staged.renamed:
                     staged.discard()
@@ -693,14 +721,19 @@ class Registry:
                 self._reload(resident, number)
                 raise
             try:
-                resident.install(record, committed, values)
+                resident.install(prepared, committed)
             except Exception:
                 log.exception(
                     "model %s: installing revision %d failed; reloading it", resident.model_id, number
                 )
                 self._reload(resident, number)
-        log.info("model %s: revision %d, %s", resident.model_id, number, record.summary)
-        return record
+            if self.retain_revisions:
+                try:
+                    self.store.retain(resident.model_id, self.retain_revisions)
+                except OSError:
+                    log.exception("model %s: dropping old revisions failed", resident.model_id)
+        log.info("model %s: revision %d, %s", resident.model_id, number, prepared.record.summary)
+        return prepared.record
 
     def _reload(self, resident: ResidentModel, revision: int) -> None:
         """Rebuild a model's state from the store at `revision` (after a failed install)."""
@@ -727,6 +760,18 @@ class Registry:
                 metadata={"model_id": resident.model_id, "revision": str(revision)},
             )
         return revision, self.store.read_manifest(resident.model_id, revision)
+
+    def revision_reader(
+        self, model_id: str, revision: int, *, field: str
+    ) -> tuple[dict[str, VariableRecord], Callable[[VariableRecord], np.ndarray]]:
+        """Another model's variables at a revision (0: current), read from the store.
+
+        Reads committed files only, so the values are those of exactly that
+        revision whatever commits meanwhile; takes no lock.
+        """
+        resident = self.get(model_id, field=field)
+        _, manifest = self.revision_state(resident, revision, field=field)
+        return manifest.by_path(), lambda record: self.store.load_tensor(model_id, record)
 
     async def read_weights(
         self, model_id: str, selector: Selector, revision: int

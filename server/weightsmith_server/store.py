@@ -125,6 +125,10 @@ class RevisionRecord:
     architecture_revision: int
     stored_bytes: int
     changed_variables: list[str] = field(default_factory=list)
+    # What each edit of an ApplyEdits batch did (EditReport fields), in order.
+    edits: list[dict[str, Any]] = field(default_factory=list)
+    # The revision a RevertModel restored.
+    reverted_to: int = 0
 
 
 @dataclass(frozen=True)
@@ -367,7 +371,9 @@ class Store:
     def revision_numbers(self, model_id: str) -> list[int]:
         """Committed revision numbers of a model, ascending."""
         revisions = self.model_dir(model_id) / "revisions"
-        return sorted(int(p.name) for p in revisions.iterdir() if p.name.isdigit())
+        return sorted(
+            int(p.name) for p in revisions.iterdir() if p.name.isdigit() and (p / "revision.json").is_file()
+        )
 
     def _revision_dir(self, model_id: str, revision: int) -> Path:
         return self.model_dir(model_id) / "revisions" / f"{revision:06d}"
@@ -424,6 +430,37 @@ class Store:
         os.rename(self.model_dir(model_id), trash)
         fsync_path(self.models_dir)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def retain(self, model_id: str, keep: int) -> list[int]:
+        """Drop all but the last `keep` revisions; returns the numbers dropped.
+
+        A dropped revision loses its `revision.json` first (it stops existing
+        at that instant), then its manifest and every file no retained
+        revision refers to; files that retained manifests still point at stay
+        where they are.
+        """
+        numbers = self.revision_numbers(model_id)
+        if keep <= 0 or len(numbers) <= keep:
+            return []
+        dropped, kept = numbers[:-keep], numbers[-keep:]
+        revisions = self.model_dir(model_id) / "revisions"
+        referenced = {v.file for n in kept for v in self.read_manifest(model_id, n).variables}
+        architectures = {self.read_revision(model_id, n).architecture_revision for n in kept}
+        for number in dropped:
+            folder = revisions / f"{number:06d}"
+            (folder / "revision.json").unlink()
+        fsync_path(revisions)
+        for number in dropped:
+            folder = revisions / f"{number:06d}"
+            (folder / "manifest.json").unlink(missing_ok=True)
+            if number not in architectures:
+                (folder / "architecture.json").unlink(missing_ok=True)
+            for tensor in (folder / "tensors").glob("*.npy"):
+                if f"{folder.name}/tensors/{tensor.name}" not in referenced:
+                    tensor.unlink()
+            if not any((folder / "tensors").iterdir()) and not (folder / "architecture.json").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+        return dropped
 
     def resolve_import(self, relative: str) -> Path | None:
         """A path under `imports/`, or None when it would escape that folder."""

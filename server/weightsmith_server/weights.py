@@ -301,7 +301,7 @@ class WeightWrite:
             stored_bytes=self._staged.stored_bytes,
             changed_variables=changed,
         )
-        return record, manifest, None, self._values
+        return Prepared(record, manifest, self._values)
 
     def abort(self) -> None:
         """Drop everything staged, unless a commit has claimed the write."""

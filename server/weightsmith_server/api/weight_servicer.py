@@ -13,8 +13,9 @@ import grpc
 
 from weightsmith import _wire
 from weightsmith.v1 import weight_service_pb2, weight_service_pb2_grpc
-from weightsmith_server import tensors, weights
+from weightsmith_server import revisions, tensors, weights
 from weightsmith_server.api import convert
+from weightsmith_server.edits.engine import apply_edits
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.registry import Registry
 
@@ -82,6 +83,52 @@ class WeightServicer(weight_service_pb2_grpc.WeightServiceServicer):
         record = self._registry.get_revision(request.model_id, request.revision)
         return weight_service_pb2.GetRevisionResponse(revision=convert.revision(record))
 
+    async def ApplyEdits(
+        self, request: weight_service_pb2.ApplyEditsRequest, context: grpc.aio.ServicerContext
+    ) -> weight_service_pb2.ApplyEditsResponse:
+        record, reports = await apply_edits(
+            self._registry,
+            request.model_id,
+            convert.edit_ops(request.edits),
+            expected_revision=request.expected_revision if request.HasField("expected_revision") else None,
+            message=request.message,
+            dry_run=request.dry_run,
+            author=convert.author(context),
+        )
+        return weight_service_pb2.ApplyEditsResponse(
+            revision=convert.revision(record) if record is not None else None,
+            results=[convert.edit_result(r) for r in reports],
+        )
+
+    async def DiffRevisions(
+        self, request: weight_service_pb2.DiffRevisionsRequest, context: grpc.aio.ServicerContext
+    ) -> weight_service_pb2.DiffRevisionsResponse:
+        result = await revisions.diff(
+            self._registry, request.model_id, request.from_revision, request.to_revision
+        )
+        return weight_service_pb2.DiffRevisionsResponse(
+            from_revision=result.from_revision,
+            to_revision=result.to_revision,
+            changed=[convert.variable_diff(d) for d in result.changed],
+            added=result.added,
+            removed=result.removed,
+            unchanged_count=result.unchanged_count,
+            architecture_changed=result.architecture_changed,
+        )
+
+    async def RevertModel(
+        self, request: weight_service_pb2.RevertModelRequest, context: grpc.aio.ServicerContext
+    ) -> weight_service_pb2.RevertModelResponse:
+        record = await revisions.revert(
+            self._registry,
+            request.model_id,
+            request.to_revision,
+            expected_revision=request.expected_revision if request.HasField("expected_revision") else None,
+            message=request.message,
+            author=convert.author(context),
+        )
+        return weight_service_pb2.RevertModelResponse(revision=convert.revision(record))
+
 
 def _chunk_size(requested: int, default: int) -> int:
     if requested == 0:
@@ -110,15 +157,17 @@ def add_to_server(servicer: WeightServicer, server: grpc.aio.Server) -> None:
             request_deserializer=tensors.parse_write_request,
             response_serializer=pb.WriteWeightsResponse.SerializeToString,
         ),
-        "ListRevisions": grpc.unary_unary_rpc_method_handler(
-            servicer.ListRevisions,
-            request_deserializer=pb.ListRevisionsRequest.FromString,
-            response_serializer=pb.ListRevisionsResponse.SerializeToString,
-        ),
-        "GetRevision": grpc.unary_unary_rpc_method_handler(
-            servicer.GetRevision,
-            request_deserializer=pb.GetRevisionRequest.FromString,
-            response_serializer=pb.GetRevisionResponse.SerializeToString,
-        ),
     }
+    for name, request, response in (
+        ("ListRevisions", pb.ListRevisionsRequest, pb.ListRevisionsResponse),
+        ("GetRevision", pb.GetRevisionRequest, pb.GetRevisionResponse),
+        ("ApplyEdits", pb.ApplyEditsRequest, pb.ApplyEditsResponse),
+        ("DiffRevisions", pb.DiffRevisionsRequest, pb.DiffRevisionsResponse),
+        ("RevertModel", pb.RevertModelRequest, pb.RevertModelResponse),
+    ):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
