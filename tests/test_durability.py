@@ -14,6 +14,40 @@ from tests.conftest import spawn_server, tiny_cnn_config, tiny_config
 pytestmark = pytest.mark.slow
 
 
+def test_revert_after_edits_and_sigkill_is_bit_exact(tmp_path: Path) -> None:
+    from tests.test_edits import _mixed_edits
+    from weightsmith import edits
+
+    store = tmp_path / "store"
+    first = spawn_server(store)
+    try:
+        with weightsmith.Client(first.address) as client:
+            client.create_model("cnn", keras_config=tiny_cnn_config(), seed=1)
+            target = {k: v.tobytes() for k, v in client.read_weights("cnn").items()}
+            layers = [
+                (layer.name, layer.class_name, layer.trainable) for layer in client.get_model("cnn").layers
+            ]
+            _mixed_edits(client, "cnn")
+            client.apply_edits("cnn", [edits.scale("*", 1.5)], message="last edit")
+            edited = {k: v.tobytes() for k, v in client.read_weights("cnn").items()}
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(30)
+
+    second = spawn_server(store)
+    try:
+        with weightsmith.Client(second.address) as client:
+            assert client.get_model("cnn").revision == 22
+            assert {k: v.tobytes() for k, v in client.read_weights("cnn").items()} == edited
+            client.revert_model("cnn", 1, expected_revision=22)
+            restored = client.get_model("cnn")
+            assert [(layer.name, layer.class_name, layer.trainable) for layer in restored.layers] == layers
+            assert {k: v.tobytes() for k, v in client.read_weights("cnn").items()} == target
+    finally:
+        second.process.send_signal(signal.SIGKILL)
+        second.process.wait(30)
+
+
 def test_sigkill_then_restart_restores_identical_bytes_and_revisions(tmp_path: Path) -> None:
     store = tmp_path / "store"
     first = spawn_server(store)

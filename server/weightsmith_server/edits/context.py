@@ -114,7 +114,8 @@ class EditContext:
                 reason="WRONG_SHAPE",
                 field=field,
             )
-        new = np.ascontiguousarray(new.astype(dtype, copy=False))
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below as non-finite
+            new = np.ascontiguousarray(new.astype(dtype, copy=False))
         if is_floating(dtype) and not np.isfinite(new).all():
             raise InvalidArgument(
                 f"The edit made {path!r} non-finite (NaN or infinite); check its arguments.",

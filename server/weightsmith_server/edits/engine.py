@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument, NotFound, WeightsmithError
@@ -22,7 +24,9 @@ def _apply_all(ctx: EditContext, ops: Sequence[EditOp]) -> list[EditReport]:
     reports = []
     for index, op in enumerate(ops):
         try:
-            reports.append(op.apply(ctx))
+            # Overflow shows up as a non-finite result, which `put` rejects by name.
+            with np.errstate(over="ignore", invalid="ignore"):
+                reports.append(op.apply(ctx))
         except WeightsmithError as exc:
             raise exc.with_field_prefix(f"edits[{index}].{op.name}") from exc.__cause__
     return reports
