@@ -40,9 +40,10 @@ lint: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-## bench: weight transfer throughput against raw gRPC byte streaming
+## bench: weight transfer vs raw gRPC streams; edit latency vs in-process numpy/TF
 bench: $(STAMP)
 	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/edits.py
 
 ## demo: run the quickstart example against a server started for the purpose
 demo: $(STAMP)
