@@ -23,6 +23,7 @@ import numpy as np
 
 from weightsmith._wire import ChunkView
 from weightsmith_server.errors import Aborted, InvalidArgument, NotFound
+from weightsmith_server.numerics import all_finite
 from weightsmith_server.registry import ModelState, Prepared, Registry, check_expected_revision, utc_now
 from weightsmith_server.store import (
     Manifest,
@@ -43,19 +44,6 @@ _DISK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-disk")
 
 # Hand filled parts of a tensor to the disk thread in pieces of at least this.
 _FLUSH_BYTES = 8 * 1024 * 1024
-
-
-def _all_finite(values: np.ndarray) -> bool:
-    """Whether no element is NaN or infinite.
-
-    A NaN or infinity anywhere makes the sum non-finite, so a finite sum (one
-    pass, no temporary array) proves it; a non-finite sum may only be an
-    overflow of large finite values, which the exact check then settles.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(values.sum()):
-            return True
-    return bool(np.isfinite(values).all())
 
 
 class WeightWrite:
@@ -180,11 +168,7 @@ class WeightWrite:
                 field=f"{field}.data",
             )
         floating = self._dtype.kind == "f" or self._dtype.name == "bfloat16"
-        if (
-            floating
-            and not self._allow_non_finite
-            and not _all_finite(np.frombuffer(data, dtype=self._dtype))
-        ):
+        if floating and not self._allow_non_finite and not all_finite(np.frombuffer(data, dtype=self._dtype)):
             raise InvalidArgument(
                 f"Received NaN or infinite values for {path!r}; set allow_non_finite to "
                 "write them on purpose.",

@@ -17,6 +17,7 @@ import numpy as np
 
 from weightsmith_server import architecture
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.numerics import all_finite
 from weightsmith_server.selectors import Selector, select
 from weightsmith_server.store import VariableRecord, numpy_dtype
 from weightsmith_server.variables import model_variables
@@ -116,17 +117,18 @@ class EditContext:
             )
         with np.errstate(over="ignore", invalid="ignore"):  # reported below as non-finite
             new = np.ascontiguousarray(new.astype(dtype, copy=False))
-        if is_floating(dtype) and not np.isfinite(new).all():
+        if is_floating(dtype) and not all_finite(new):
             raise InvalidArgument(
                 f"The edit made {path!r} non-finite (NaN or infinite); check its arguments.",
                 reason="NON_FINITE_RESULT",
                 field=field,
             )
         old = self.value(path)
+        changed = new != old
+        report.elements_changed += int(np.count_nonzero(changed))
         if is_floating(dtype):
-            difference = new.astype(np.float64) - old.astype(np.float64)
-            report._delta_squared += float(np.dot(difference.ravel(), difference.ravel()))
-        report.elements_changed += int(np.count_nonzero(new != old))
+            difference = (new[changed].astype(np.float64) - old[changed]).ravel()
+            report._delta_squared += float(np.dot(difference, difference))
         report.delta_l2 = math.sqrt(report._delta_squared)
         if path not in report.variables:
             report.variables.append(path)
