@@ -72,18 +72,14 @@ import fnmatch
 import json
 import math
 import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+from harness import timed, weightsmith_server
 
 import weightsmith
 from weightsmith import edits
@@ -104,40 +100,6 @@ BATCH: list[tuple[str, str, dict[str, Any]]] = [
     ("add_noise", "*/bias", {"mean": 0.0, "stddev": 1e-4, "seed": 2}),
     ("quantize", "*/kernel", {"bits": 8}),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_health(address: str, process: subprocess.Popen[bytes]) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            if process.poll() is not None:
-                raise SystemExit("weightsmith server exited")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit("weightsmith server did not start")
-
-
-def _timed(function: Callable[[], Any]) -> float:
-    """Seconds `function` takes; its result is released after the clock stops."""
-    started = time.perf_counter()
-    result = function()
-    elapsed = time.perf_counter() - started
-    del result
-    return elapsed
-
-
-# --- the edits, as weightsmith messages and as numpy -------------------------------------------------
 
 
 def _edit(op: str, pattern: str, kwargs: dict[str, Any]):
@@ -238,29 +200,8 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before this process imports TensorFlow
-    address = f"127.0.0.1:{_free_port()}"
-    with tempfile.TemporaryDirectory() as store:
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "weightsmith_server",
-                "--address",
-                address,
-                "--store",
-                store,
-                "--log-level",
-                "WARNING",
-            ],
-            env=env,
-        )
-        try:
-            _wait_health(address, server)
-            rows = _measure(address, Path(store), args.rounds, args.warmup)
-        finally:
-            server.terminate()
-            server.wait(60)
+    with weightsmith_server() as (address, store):
+        rows = _measure(address, store, args.rounds, args.warmup)
     _report(rows, args)
 
 
@@ -341,7 +282,7 @@ def _measure(address: str, store: Path, rounds: int, warmup: int) -> dict:
         samples: dict[str, list[float]] = {key: [] for key in steps}
         for _ in range(rounds):
             for key, step in steps.items():
-                samples[key].append(_timed(step))
+                samples[key].append(timed(step))
 
         # Both sides applied the same committed edits to the same values: they must agree exactly.
         applied = warmup + rounds

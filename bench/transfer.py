@@ -22,43 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+from harness import free_port, timed, weightsmith_server
 
 import weightsmith
 
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_health(address: str, process: subprocess.Popen[bytes]) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            if process.poll() is not None:
-                raise SystemExit("weightsmith server exited")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise SystemExit("weightsmith server did not start")
 
 
 def _raw_download(channel: grpc.Channel, total: int, chunk: int) -> int:
@@ -81,15 +56,6 @@ def _raw_upload(channel: grpc.Channel, total: int, chunk: int) -> int:
     return int(call(parts()))
 
 
-def _timed(function, *args) -> float:
-    """Seconds `function` takes; its result is released after the clock stops."""
-    started = time.perf_counter()
-    result = function(*args)
-    elapsed = time.perf_counter() - started
-    del result
-    return elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,38 +67,18 @@ def main() -> None:
     args = parser.parse_args()
     chunk = args.chunk_kb * 1024
 
-    ws_address = f"127.0.0.1:{_free_port()}"
-    raw_address = f"127.0.0.1:{_free_port()}"
-    with tempfile.TemporaryDirectory() as store:
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        ws = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "weightsmith_server",
-                "--address",
-                ws_address,
-                "--store",
-                store,
-                "--chunk-kb",
-                str(args.chunk_kb),
-                "--log-level",
-                "WARNING",
-            ],
-            env=env,
-        )
+    raw_address = f"127.0.0.1:{free_port()}"
+    with weightsmith_server("--chunk-kb", str(args.chunk_kb)) as (ws_address, _):
         raw = subprocess.Popen(
             [sys.executable, str(HERE / "raw_stream_server.py"), "--address", raw_address],
             stdout=subprocess.PIPE,
         )
         try:
             assert raw.stdout is not None and raw.stdout.readline().strip() == b"ready"
-            _wait_health(ws_address, ws)
             rows = _measure(ws_address, raw_address, args.architecture, chunk, args.rounds)
         finally:
-            for process in (ws, raw):
-                process.terminate()
-                process.wait(60)
+            raw.terminate()
+            raw.wait(60)
     _report(rows, args)
 
 
@@ -156,14 +102,14 @@ def _measure(ws_address: str, raw_address: str, architecture: str, chunk: int, r
             k: [] for k in ("raw_read", "ws_read", "ws_read_out", "raw_write", "ws_write")
         }
         for _ in range(rounds):
-            samples["raw_read"].append(_timed(_raw_download, raw, total, chunk))
-            samples["ws_read"].append(_timed(lambda: client.read_weights("bench", chunk_size_bytes=chunk)))
+            samples["raw_read"].append(timed(_raw_download, raw, total, chunk))
+            samples["ws_read"].append(timed(lambda: client.read_weights("bench", chunk_size_bytes=chunk)))
             samples["ws_read_out"].append(
-                _timed(lambda: client.read_weights("bench", chunk_size_bytes=chunk, out=reused))
+                timed(lambda: client.read_weights("bench", chunk_size_bytes=chunk, out=reused))
             )
-            samples["raw_write"].append(_timed(_raw_upload, raw, total, chunk))
+            samples["raw_write"].append(timed(_raw_upload, raw, total, chunk))
             samples["ws_write"].append(
-                _timed(lambda: client.write_weights("bench", weights, chunk_size_bytes=chunk))
+                timed(lambda: client.write_weights("bench", weights, chunk_size_bytes=chunk))
             )
         check = client.read_weights("bench")
         assert all(check[k].tobytes() == weights[k].tobytes() for k in weights), "round trip not bit-exact"

@@ -124,10 +124,10 @@ class EditContext:
                 field=field,
             )
         old = self.value(path)
-        changed = new != old
-        report.elements_changed += int(np.count_nonzero(changed))
+        report.elements_changed += int(np.count_nonzero(new != old))
         if is_floating(dtype):
-            difference = (new[changed].astype(np.float64) - old[changed]).ravel()
+            difference = new.astype(np.float64).ravel()
+            difference -= old.ravel()
             report._delta_squared += float(np.dot(difference, difference))
         report.delta_l2 = math.sqrt(report._delta_squared)
         if path not in report.variables:
