@@ -99,6 +99,30 @@ DEVICE_KIND_GPU: DeviceKind.ValueType  # 2
 """A GPU."""
 Global___DeviceKind: _TypeAlias = DeviceKind  # noqa: Y015
 
+class _DatasetSplit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DatasetSplitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetSplit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATASET_SPLIT_UNSPECIFIED: _DatasetSplit.ValueType  # 0
+    """Same as `DATASET_SPLIT_TRAIN`."""
+    DATASET_SPLIT_TRAIN: _DatasetSplit.ValueType  # 1
+    """The training examples."""
+    DATASET_SPLIT_VALIDATION: _DatasetSplit.ValueType  # 2
+    """The validation examples the dataset carries."""
+
+class DatasetSplit(_DatasetSplit, metaclass=_DatasetSplitEnumTypeWrapper):
+    """Which part of a dataset to evaluate on."""
+
+DATASET_SPLIT_UNSPECIFIED: DatasetSplit.ValueType  # 0
+"""Same as `DATASET_SPLIT_TRAIN`."""
+DATASET_SPLIT_TRAIN: DatasetSplit.ValueType  # 1
+"""The training examples."""
+DATASET_SPLIT_VALIDATION: DatasetSplit.ValueType  # 2
+"""The validation examples the dataset carries."""
+Global___DatasetSplit: _TypeAlias = DatasetSplit  # noqa: Y015
+
 @_typing.final
 class CatalogArchitecture(_message.Message):
     """A model from the `keras.applications` catalog, always built without
@@ -746,3 +770,115 @@ class GetServerInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class EvaluateRequest(_message.Message):
+    """Request for ModelService.Evaluate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    RESCALE_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Required. The model's id."""
+    dataset_id: _builtins.str
+    """Required. The dataset's id."""
+    batch_size: _builtins.int
+    """Optional. Batch size; 0 means 32."""
+    revision: _builtins.int
+    """Optional. The revision to evaluate; 0 means the current one."""
+    loss: _builtins.str
+    """Required. A Keras loss name, for example `sparse_categorical_crossentropy`."""
+    split: Global___DatasetSplit.ValueType
+    """Optional. Which split of the dataset."""
+    rescale: _builtins.float
+    """Optional. Rescale inputs by this factor first, as a job's preprocessing
+    would (resize is applied from the job spec only).
+    """
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Keras metric names, for example `accuracy`."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        batch_size: _builtins.int = ...,
+        revision: _builtins.int = ...,
+        loss: _builtins.str = ...,
+        metrics: _abc.Iterable[_builtins.str] | None = ...,
+        split: Global___DatasetSplit.ValueType = ...,
+        rescale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rescale", b"_rescale", "rescale", b"rescale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rescale", b"_rescale", "batch_size", b"batch_size", "dataset_id", b"dataset_id", "loss", b"loss", "metrics", b"metrics", "model_id", b"model_id", "rescale", b"rescale", "revision", b"revision", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rescale: _TypeAlias = _typing.Literal["rescale"]  # noqa: Y015
+    _WhichOneofArgType__rescale: _TypeAlias = _typing.Literal["_rescale", b"_rescale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rescale) -> _WhichOneofReturnType__rescale | None: ...
+
+Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateResponse(_message.Message):
+    """Response for ModelService.Evaluate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    LOSS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    loss: _builtins.float
+    """The mean loss."""
+    example_count: _builtins.int
+    """Examples evaluated."""
+    revision: _builtins.int
+    """The revision evaluated."""
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Each metric's value."""
+
+    def __init__(
+        self,
+        *,
+        loss: _builtins.float = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        example_count: _builtins.int = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["example_count", b"example_count", "loss", b"loss", "metrics", b"metrics", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015

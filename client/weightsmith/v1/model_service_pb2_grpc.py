@@ -76,6 +76,11 @@ class ModelServiceStub:
                 request_serializer=weightsmith_dot_v1_dot_model__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=weightsmith_dot_v1_dot_model__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/weightsmith.v1.ModelService/Evaluate',
+                request_serializer=weightsmith_dot_v1_dot_model__service__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=weightsmith_dot_v1_dot_model__service__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -147,6 +152,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request, context):
+        """Computes the loss and metrics of a model revision on a dataset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +201,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=weightsmith_dot_v1_dot_model__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=weightsmith_dot_v1_dot_model__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=weightsmith_dot_v1_dot_model__service__pb2.EvaluateRequest.FromString,
+                    response_serializer=weightsmith_dot_v1_dot_model__service__pb2.EvaluateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +426,33 @@ class ModelService:
             '/weightsmith.v1.ModelService/GetServerInfo',
             weightsmith_dot_v1_dot_model__service__pb2.GetServerInfoRequest.SerializeToString,
             weightsmith_dot_v1_dot_model__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsmith.v1.ModelService/Evaluate',
+            weightsmith_dot_v1_dot_model__service__pb2.EvaluateRequest.SerializeToString,
+            weightsmith_dot_v1_dot_model__service__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,8 @@ class ModelServiceStub:
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetServerInfoRequest, _model_service_pb2.GetServerInfoResponse]
     """Describes the server: versions, devices and limits."""
+    Evaluate: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.EvaluateRequest, _model_service_pb2.EvaluateResponse]
+    """Computes the loss and metrics of a model revision on a dataset."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -99,6 +101,8 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetServerInfoRequest, _model_service_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """Describes the server: versions, devices and limits."""
+    Evaluate: _aio.UnaryUnaryMultiCallable[_model_service_pb2.EvaluateRequest, _model_service_pb2.EvaluateResponse]  # type: ignore[assignment]
+    """Computes the loss and metrics of a model revision on a dataset."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Keeps Keras models resident in memory: create, upload, inspect, export,
@@ -180,5 +184,13 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.GetServerInfoResponse, _abc.Awaitable[_model_service_pb2.GetServerInfoResponse]]:
         """Describes the server: versions, devices and limits."""
+
+    @_abc_1.abstractmethod
+    def Evaluate(
+        self,
+        request: _model_service_pb2.EvaluateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.EvaluateResponse, _abc.Awaitable[_model_service_pb2.EvaluateResponse]]:
+        """Computes the loss and metrics of a model revision on a dataset."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
