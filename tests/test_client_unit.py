@@ -750,10 +750,16 @@ def test_channel_options() -> None:
         ("weightsmith.v1.ModelService", "ListModels"),
         ("weightsmith.v1.ModelService", "Predict"),
         ("weightsmith.v1.ModelService", "GetServerInfo"),
+        ("weightsmith.v1.ModelService", "Evaluate"),
         ("weightsmith.v1.WeightService", "ReadWeights"),
         ("weightsmith.v1.WeightService", "ListRevisions"),
         ("weightsmith.v1.WeightService", "GetRevision"),
         ("weightsmith.v1.WeightService", "DiffRevisions"),
+        ("weightsmith.v1.TrainingService", "GetDataset"),
+        ("weightsmith.v1.TrainingService", "ListDatasets"),
+        ("weightsmith.v1.TrainingService", "GetJob"),
+        ("weightsmith.v1.TrainingService", "ListJobs"),
+        ("weightsmith.v1.TrainingService", "ListJobEvents"),
     }
     assert method_config["retryPolicy"] == {
         "maxAttempts": 5,

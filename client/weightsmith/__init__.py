@@ -5,11 +5,14 @@ The client needs only grpcio, protobuf and numpy; it never imports TensorFlow.
 Every failure raises a `WeightsmithError` subclass, one per gRPC status code,
 carrying the server's field violations and reason. `weightsmith.edits` builds
 the typed edits (scale, prune, quantize, interpolate, replace_head, ...) that
-`apply_edits` commits as one revision.
+`apply_edits` commits as one revision. `weightsmith.jobs` builds fine-tuning
+job specs for `create_job`; `progress_bar` renders `watch_job` with tqdm
+(installed separately).
 
 Example:
 
 ```python
+import numpy as np
 import weightsmith
 
 with weightsmith.Client("127.0.0.1:50051") as client:
@@ -20,10 +23,17 @@ with weightsmith.Client("127.0.0.1:50051") as client:
                          message="halve the head")
     client.apply_edits("tiny", [weightsmith.edits.prune("*/kernel", 0.3)], message="prune")
     print(client.diff_revisions("tiny", 1).changed[0].path)
+
+    x = np.random.rand(64, 64, 64, 3).astype(np.float32)
+    client.upload_dataset({"x": x, "y": np.arange(64) % 5}, "toy")
+    job = client.create_job(weightsmith.jobs.spec(
+        "tiny", "toy", epochs=2, batch_size=16, optimizer=weightsmith.jobs.adam(1e-3),
+        loss="sparse_categorical_crossentropy"))
+    print(client.wait_job(job.job_id).result_revision)
 ```
 """
 
-from weightsmith import edits
+from weightsmith import edits, jobs
 from weightsmith._async_client import AsyncClient
 from weightsmith._types import PredictResult, Selector
 from weightsmith.client import Client
@@ -46,6 +56,7 @@ from weightsmith.errors import (
     UnknownError,
     WeightsmithError,
 )
+from weightsmith.progress import async_progress_bar, progress_bar
 
 __version__ = "0.1.0"
 
@@ -71,5 +82,8 @@ __all__ = [
     "UnimplementedError",
     "UnknownError",
     "WeightsmithError",
+    "async_progress_bar",
     "edits",
+    "jobs",
+    "progress_bar",
 ]

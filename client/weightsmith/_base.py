@@ -9,23 +9,27 @@ bytes with one copy each way while the wire format stays plain protobuf.
 from __future__ import annotations
 
 import getpass
+import io
 import json
 import os
 import pathlib
 import socket
+import tempfile
+import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeAlias
+from typing import IO, Any, NamedTuple, Protocol, TypeAlias
 
 import grpc
 import numpy as np
 
 from weightsmith import _wire
-from weightsmith._types import PredictResult, SelectorLike, selector_to_proto
+from weightsmith._types import PredictResult, SelectorLike, _strings, selector_to_proto
 from weightsmith.errors import DataLossError
-from weightsmith.v1 import edits_pb2, model_service_pb2, tensor_pb2, weight_service_pb2
+from weightsmith.v1 import edits_pb2, model_service_pb2, tensor_pb2, training_service_pb2, weight_service_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 60.0
@@ -35,19 +39,27 @@ AUTHOR_METADATA_KEY = "weightsmith-author"
 
 MODEL_SERVICE = "weightsmith.v1.ModelService"
 WEIGHT_SERVICE = "weightsmith.v1.WeightService"
+TRAINING_SERVICE = "weightsmith.v1.TrainingService"
 READ_WEIGHTS_METHOD = f"/{WEIGHT_SERVICE}/ReadWeights"
 WRITE_WEIGHTS_METHOD = f"/{WEIGHT_SERVICE}/WriteWeights"
 
-# Only reads are retried: replaying a mutation could commit it twice.
+# Only reads are retried: replaying a mutation could commit it twice. WatchJob
+# is not here either: `watch_job` reconnects itself from the last event seen.
 RETRIED_METHODS: tuple[tuple[str, str], ...] = (
     (MODEL_SERVICE, "GetModel"),
     (MODEL_SERVICE, "ListModels"),
     (MODEL_SERVICE, "Predict"),
     (MODEL_SERVICE, "GetServerInfo"),
+    (MODEL_SERVICE, "Evaluate"),
     (WEIGHT_SERVICE, "ReadWeights"),
     (WEIGHT_SERVICE, "ListRevisions"),
     (WEIGHT_SERVICE, "GetRevision"),
     (WEIGHT_SERVICE, "DiffRevisions"),
+    (TRAINING_SERVICE, "GetDataset"),
+    (TRAINING_SERVICE, "ListDatasets"),
+    (TRAINING_SERVICE, "GetJob"),
+    (TRAINING_SERVICE, "ListJobs"),
+    (TRAINING_SERVICE, "ListJobEvents"),
 )
 
 SERVICE_CONFIG: dict[str, Any] = {
@@ -259,6 +271,364 @@ class UploadSource:
 def partial_path(path: pathlib.Path) -> pathlib.Path:
     """Where an export is written before it is renamed into place."""
     return path.with_name(f".{path.name}.part")
+
+
+# --- datasets -------------------------------------------------------------------
+
+DatasetSourceLike: TypeAlias = Mapping[str, np.ndarray] | str | os.PathLike[str] | bytes
+FeatureSpecLike: TypeAlias = training_service_pb2.FeatureSpec | tuple[str, Any, Sequence[int]]
+
+DATASET_FORMATS: dict[str, int] = {
+    "npz": training_service_pb2.DATASET_FORMAT_NPZ,
+    "tfrecord": training_service_pb2.DATASET_FORMAT_TFRECORD,
+    "image_folder": training_service_pb2.DATASET_FORMAT_IMAGE_FOLDER,
+}
+_NPZ_KEYS = ("x", "y", "x_val", "y_val")
+_FEATURE_DTYPES = {
+    "float32": tensor_pb2.DATA_TYPE_FLOAT32,
+    "int64": tensor_pb2.DATA_TYPE_INT64,
+    "uint8": tensor_pb2.DATA_TYPE_UINT8,
+}
+_SUFFIX_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
+    ((".npz",), "npz"),
+    ((".tfrecord", ".tfrecords"), "tfrecord"),
+    ((".zip", ".tar", ".tar.gz", ".tgz"), "image_folder"),
+)
+_DATASET_SPLITS = {
+    "train": model_service_pb2.DATASET_SPLIT_TRAIN,
+    "validation": model_service_pb2.DATASET_SPLIT_VALIDATION,
+}
+
+
+def detect_dataset_format(path: pathlib.Path) -> str | None:
+    """Return the format a dataset path implies (a directory is an image folder); None if unknown."""
+    if path.is_dir():
+        return "image_folder"
+    name = path.name.lower()
+    for suffixes, format in _SUFFIX_FORMATS:
+        if name.endswith(suffixes):
+            return format
+    return None
+
+
+def npz_buffer(arrays: Mapping[str, Any]) -> io.BytesIO:
+    """Serialize `{"x", "y", "x_val"?, "y_val"?}` arrays as an `.npz` in memory, positioned at 0."""
+    keys = list(arrays)
+    unknown = [key for key in keys if key not in _NPZ_KEYS]
+    if unknown or "x" not in arrays or "y" not in arrays or (("x_val" in arrays) != ("y_val" in arrays)):
+        raise ValueError(
+            f"Received dataset arrays {keys}, expected 'x' and 'y', optionally with both 'x_val' and "
+            f"'y_val', and no other key."
+        )
+    checked: dict[str, np.ndarray] = {}
+    for key in _NPZ_KEYS:
+        if key not in arrays:
+            continue
+        array = np.asarray(arrays[key])
+        if array.dtype.hasobject or array.ndim == 0:
+            raise ValueError(
+                f"Received an invalid array {key!r}, expected a numeric array with a batch dimension. "
+                f"Received: dtype={array.dtype}, shape={array.shape}"
+            )
+        checked[key] = array
+    for features, labels in (("x", "y"), ("x_val", "y_val")):
+        if features in checked and len(checked[features]) != len(checked[labels]):
+            raise ValueError(
+                f"Received {len(checked[features])} examples in {features!r} but "
+                f"{len(checked[labels])} in {labels!r}, expected as many labels as examples."
+            )
+    buffer = io.BytesIO()
+    np.savez(buffer, **checked)
+    buffer.seek(0)
+    return buffer
+
+
+def zip_image_folder(directory: pathlib.Path) -> IO[bytes]:
+    """Zip an image folder (one subfolder per class) into a temporary file, positioned at 0.
+
+    Entries are `class/filename` (deeper paths kept), sorted; hidden files and
+    folders and files directly in `directory` are left out. Images are stored
+    without compression: they are compressed already. The file is deleted
+    when closed.
+    """
+    classes = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(
+            f"Received an image folder without class subfolders, expected one subfolder of images "
+            f"per class. Received: {str(directory)!r}"
+        )
+    file = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
+    try:
+        count = 0
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for class_dir in classes:
+                for path in sorted(class_dir.rglob("*")):
+                    relative = path.relative_to(directory)
+                    if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                        archive.write(path, relative.as_posix())
+                        count += 1
+        if not count:
+            raise ValueError(
+                f"Received an image folder whose class subfolders hold no file, expected images. "
+                f"Received: {str(directory)!r}"
+            )
+        file.seek(0)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+@dataclass(eq=False)
+class DatasetUpload:
+    """A dataset to upload: its header, then the bytes of a file or of an owned buffer.
+
+    One-shot: `open()` hands over the buffer (an in-memory `.npz`, raw bytes
+    or a temporary zip), which closing deletes.
+    """
+
+    header: training_service_pb2.UploadDatasetRequest
+    path: pathlib.Path | None = None
+    buffer: IO[bytes] | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the upload streams after the header."""
+        return self.header.header.size_bytes
+
+    def open(self) -> IO[bytes]:
+        """Return the bytes to stream as a file object; the caller closes it."""
+        if self.path is not None:
+            return self.path.open("rb")
+        assert self.buffer is not None
+        self.buffer.seek(0)
+        return self.buffer
+
+    def messages(self, chunk_size_bytes: int) -> Iterator[training_service_pb2.UploadDatasetRequest]:
+        """Yield the UploadDataset stream: the header, then chunks of at most `chunk_size_bytes`."""
+        yield self.header
+        with self.open() as file:
+            while block := file.read(chunk_size_bytes):
+                yield training_service_pb2.UploadDatasetRequest(chunk=block)
+
+    def close(self) -> None:
+        """Release the buffer (deleting a temporary zip); idempotent."""
+        if self.buffer is not None:
+            self.buffer.close()
+
+
+def _buffer_size(buffer: IO[bytes]) -> int:
+    size = buffer.seek(0, io.SEEK_END)
+    buffer.seek(0)
+    return size
+
+
+def _feature_spec(name: str, value: FeatureSpecLike | None, format: str) -> training_service_pb2.FeatureSpec:
+    if value is None:
+        raise ValueError(
+            f"Received no `{name}`, expected a `(name, dtype, shape)` tuple or a FeatureSpec with "
+            f"format={format!r}, for example ('image', 'uint8', [32, 32, 3])."
+        )
+    if isinstance(value, training_service_pb2.FeatureSpec):
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise TypeError(
+            f"Received an invalid `{name}`, expected a `(name, dtype, shape)` tuple or a FeatureSpec. "
+            f"Received: {name}={value!r}"
+        )
+    key, dtype, shape = value
+    if not isinstance(key, str) or not key:
+        raise ValueError(
+            f"Received an invalid feature name in `{name}`, expected the non-empty key of the "
+            f"feature in each tf.train.Example. Received: {key!r}"
+        )
+    try:
+        dtype_name = np.dtype(dtype).name
+    except TypeError:
+        dtype_name = str(dtype)
+    if dtype_name not in _FEATURE_DTYPES:
+        raise ValueError(
+            f"Received an invalid dtype in `{name}`, expected one of {sorted(_FEATURE_DTYPES)} "
+            f"(uint8 reads a bytes_list of raw bytes). Received: {dtype!r}"
+        )
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise TypeError(
+            f"Received an invalid shape in `{name}`, expected a sequence of dimensions such as "
+            f"[32, 32, 3] ([] for a scalar). Received: {shape!r}"
+        )
+    return training_service_pb2.FeatureSpec(
+        name=key,
+        dtype=_FEATURE_DTYPES[dtype_name],
+        shape=[_check_int(f"{name} shape[{i}]", d, 1) for i, d in enumerate(shape)],
+    )
+
+
+def dataset_source(
+    format: str,
+    *,
+    tfrecord_features: FeatureSpecLike | None,
+    tfrecord_labels: FeatureSpecLike | None,
+    image_size: Sequence[int] | None,
+    channels: int,
+) -> training_service_pb2.DatasetSource:
+    """Build the `DatasetSource` of a format name and its options, checking they go together."""
+    if format not in DATASET_FORMATS:
+        raise ValueError(
+            f"Received an invalid `format`, expected one of {sorted(DATASET_FORMATS)}. "
+            f"Received: format={format!r}"
+        )
+    channels = _check_int("channels", channels, 1, 3)
+    if channels == 2:
+        raise ValueError("Received channels=2, expected 1 (grayscale) or 3 (RGB).")
+    misplaced = [
+        name
+        for name, given, owner in (
+            ("tfrecord_features", tfrecord_features is not None, "tfrecord"),
+            ("tfrecord_labels", tfrecord_labels is not None, "tfrecord"),
+            ("image_size", image_size is not None, "image_folder"),
+        )
+        if given and format != owner
+    ]
+    if misplaced:
+        raise ValueError(
+            f"Received {misplaced} with format={format!r}, expected `tfrecord_*` only with "
+            f"'tfrecord' and `image_size` only with 'image_folder'."
+        )
+    source = training_service_pb2.DatasetSource(format=DATASET_FORMATS[format])
+    if format == "tfrecord":
+        source.tfrecord.features.CopyFrom(_feature_spec("tfrecord_features", tfrecord_features, format))
+        source.tfrecord.labels.CopyFrom(_feature_spec("tfrecord_labels", tfrecord_labels, format))
+    elif format == "image_folder":
+        if image_size is None or isinstance(image_size, (str, bytes)) or len(image_size) != 2:
+            raise ValueError(
+                f"Received an invalid `image_size`, expected (height, width) for an image folder, "
+                f"for example (96, 96). Received: image_size={image_size!r}"
+            )
+        source.image_folder.image_size.extend(
+            _check_int(f"image_size[{i}]", d, 1) for i, d in enumerate(image_size)
+        )
+        source.image_folder.channels = channels
+    return source
+
+
+# --- jobs -----------------------------------------------------------------------
+
+DEFAULT_MAX_RECONNECTS = 20
+WATCH_BACKOFF_INITIAL_S = 0.2
+WATCH_BACKOFF_MAX_S = 2.0
+TERMINAL_JOB_STATES = frozenset(
+    {
+        training_service_pb2.JOB_STATE_SUCCEEDED,
+        training_service_pb2.JOB_STATE_FAILED,
+        training_service_pb2.JOB_STATE_CANCELLED,
+    }
+)
+_RECONNECTABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# How grpc words a connection that dropped mid-stream when it reports it as
+# INTERNAL or UNKNOWN rather than UNAVAILABLE.
+_DROPPED_CONNECTION_MARKERS = (
+    "rst_stream",
+    "stream removed",
+    "socket closed",
+    "connection reset",
+    "goaway",
+    "unexpected eos",
+)
+
+
+def is_reconnectable(exc: grpc.RpcError) -> bool:
+    """Whether a failed WatchJob stream may be resumed: the connection failed, not the request."""
+    code_method = getattr(exc, "code", None)
+    code = code_method() if callable(code_method) else grpc.StatusCode.UNKNOWN
+    if code in _RECONNECTABLE_CODES:
+        return True
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        details_method = getattr(exc, "details", None)
+        details = str((details_method() if callable(details_method) else None) or exc).lower()
+        return any(marker in details for marker in _DROPPED_CONNECTION_MARKERS)
+    return False
+
+
+class JobWatch:
+    """The state of one `watch_job` across reconnections; both clients drive it, it does no I/O.
+
+    It remembers the last sequence number seen, drops replayed events, and
+    decides whether and when to reconnect after a stream fails: only for
+    `is_reconnectable` errors, after a backoff of 0.2 s doubling to 2 s, at
+    most `max_reconnects` times in a row (an event resets the count and the
+    backoff). With `timeout` (for `wait_job`), every connection's deadline is
+    capped to what is left and `TimeoutError` is raised when it runs out.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        after_sequence: int,
+        reconnect: bool,
+        max_reconnects: int,
+        stream_timeout: float | None,
+        timeout: float | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.last_sequence = _check_int("after_sequence", after_sequence, 0)
+        self.reconnects = 0
+        self._reconnect = bool(reconnect)
+        self._max_reconnects = _check_int("max_reconnects", max_reconnects, 0)
+        self._stream_timeout = stream_timeout
+        self._timeout = _check_timeout("timeout", timeout)
+        self._deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        self._failures = 0
+        self._backoff = WATCH_BACKOFF_INITIAL_S
+
+    def request(self) -> training_service_pb2.WatchJobRequest:
+        """The WatchJob request of the next connection: from the last event seen."""
+        return training_service_pb2.WatchJobRequest(job_id=self.job_id, after_sequence=self.last_sequence)
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+    def _timed_out(self) -> TimeoutError:
+        return TimeoutError(
+            f"Job {self.job_id!r} did not finish within timeout={self._timeout} seconds "
+            f"(last event seen: {self.last_sequence})."
+        )
+
+    def call_timeout(self) -> float | None:
+        """The deadline of the next connection; `TimeoutError` if `timeout` ran out."""
+        remaining = self._remaining()
+        if remaining is None:
+            return self._stream_timeout
+        if remaining <= 0:
+            raise self._timed_out()
+        return remaining if self._stream_timeout is None else min(remaining, self._stream_timeout)
+
+    def accept(self, event: training_service_pb2.JobEvent) -> bool:
+        """Record an event; False for one already seen (a replay), which the caller skips."""
+        if event.sequence <= self.last_sequence:
+            return False
+        self.last_sequence = event.sequence
+        self._failures = 0
+        self._backoff = WATCH_BACKOFF_INITIAL_S
+        return True
+
+    def reconnect_delay(self, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before reconnecting after `exc`; None when `exc` should be raised.
+
+        Raises `TimeoutError` (chained to `exc`) when `timeout` ran out.
+        """
+        if not self._reconnect or not is_reconnectable(exc):
+            return None
+        remaining = self._remaining()
+        if remaining is not None and remaining <= 0:
+            raise self._timed_out() from exc
+        if self._failures >= self._max_reconnects:
+            return None
+        self._failures += 1
+        self.reconnects += 1
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, WATCH_BACKOFF_MAX_S)
+        return delay if remaining is None else max(0.0, min(delay, remaining))
 
 
 class _BaseClient:
@@ -609,6 +979,194 @@ class _BaseClient:
     ) -> Iterator[model_service_pb2.UploadModelRequest]:
         for start in range(0, len(data), chunk_size_bytes):
             yield model_service_pb2.UploadModelRequest(chunk=data[start : start + chunk_size_bytes])
+
+    @staticmethod
+    def _evaluate_request(
+        model_id: str,
+        dataset_id: str,
+        *,
+        loss: str,
+        metrics: Sequence[str],
+        batch_size: int,
+        revision: int,
+        split: str,
+        rescale: float | None,
+    ) -> model_service_pb2.EvaluateRequest:
+        if not isinstance(loss, str) or not loss:
+            raise ValueError(
+                f"Received an invalid `loss`, expected a Keras loss name such as "
+                f"'sparse_categorical_crossentropy'. Received: loss={loss!r}"
+            )
+        if split not in _DATASET_SPLITS:
+            raise ValueError(
+                f"Received an invalid `split`, expected one of {sorted(_DATASET_SPLITS)}. "
+                f"Received: split={split!r}"
+            )
+        request = model_service_pb2.EvaluateRequest(
+            model_id=model_id,
+            dataset_id=dataset_id,
+            batch_size=_check_int("batch_size", batch_size, 0, 2**31 - 1),
+            revision=_check_int("revision", revision, 0),
+            loss=loss,
+            metrics=_strings("metrics", metrics),
+            split=_DATASET_SPLITS[split],
+        )
+        if rescale is not None:
+            if isinstance(rescale, bool) or not isinstance(rescale, (int, float, np.integer, np.floating)):
+                raise TypeError(f"Received a non-numeric `rescale`, expected a float. Received: {rescale!r}")
+            request.rescale = float(rescale)
+        return request
+
+    # --- TrainingService requests -------------------------------------------
+
+    @staticmethod
+    def _dataset_upload(
+        source: DatasetSourceLike,
+        dataset_id: str,
+        *,
+        format: str | None,
+        tfrecord_features: FeatureSpecLike | None,
+        tfrecord_labels: FeatureSpecLike | None,
+        image_size: Sequence[int] | None,
+        channels: int,
+    ) -> DatasetUpload:
+        """Detect the source's format, check its options and prepare its bytes (blocking).
+
+        Arrays are serialized to an in-memory `.npz`; a directory is zipped
+        into a temporary file. Everything is checked before the stream starts.
+        """
+        path: pathlib.Path | None = None
+        buffer: IO[bytes] | None = None
+        if isinstance(source, Mapping):
+            if format not in (None, "npz"):
+                raise ValueError(
+                    f"Received arrays with format={format!r}, expected format 'npz' (or None) for a "
+                    f"mapping of arrays."
+                )
+            format = "npz"
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            if format is None:
+                raise ValueError(
+                    f"Received a dataset as bytes without `format`, expected one of "
+                    f"{sorted(DATASET_FORMATS)} to say how to read them."
+                )
+        elif isinstance(source, (str, os.PathLike)):
+            path = pathlib.Path(source)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"Received a `source` that does not exist, expected a dataset file or an image "
+                    f"folder. Received: source={str(source)!r}"
+                )
+            detected = detect_dataset_format(path)
+            if path.is_dir() and format not in (None, "image_folder"):
+                raise ValueError(
+                    f"Received a directory with format={format!r}, expected format 'image_folder' "
+                    f"(or None): a directory is uploaded as a zipped image folder."
+                )
+            format = format if format is not None else detected
+            if format is None:
+                raise ValueError(
+                    f"Received a dataset file whose format cannot be told from its name, expected a "
+                    f".npz, .tfrecord, .zip, .tar or .tar.gz file, or `format` set to one of "
+                    f"{sorted(DATASET_FORMATS)}. Received: source={str(source)!r}"
+                )
+        else:
+            raise TypeError(
+                f"Received an invalid `source`, expected a mapping of arrays, a path (str or "
+                f"os.PathLike) or bytes. Received: {type(source).__name__}"
+            )
+        dataset = dataset_source(
+            format,
+            tfrecord_features=tfrecord_features,
+            tfrecord_labels=tfrecord_labels,
+            image_size=image_size,
+            channels=channels,
+        )
+        # Only now, with the options checked: the buffers below may be large.
+        if isinstance(source, Mapping):
+            buffer = npz_buffer(source)
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            buffer = io.BytesIO(bytes(source))
+        elif path is not None and path.is_dir():
+            buffer = zip_image_folder(path)
+            path = None
+        size = _buffer_size(buffer) if buffer is not None else path.stat().st_size  # type: ignore[union-attr]
+        header = training_service_pb2.UploadDatasetRequest(
+            header=training_service_pb2.UploadDatasetHeader(
+                dataset_id=dataset_id, source=dataset, size_bytes=size
+            )
+        )
+        return DatasetUpload(header=header, path=path, buffer=buffer)
+
+    @staticmethod
+    def _create_dataset_request(
+        uri: str,
+        dataset_id: str,
+        *,
+        format: str,
+        tfrecord_features: FeatureSpecLike | None,
+        tfrecord_labels: FeatureSpecLike | None,
+        image_size: Sequence[int] | None,
+        channels: int,
+    ) -> training_service_pb2.CreateDatasetRequest:
+        if isinstance(uri, os.PathLike):
+            uri = os.fspath(uri)
+        if not isinstance(uri, str) or not uri:
+            raise ValueError(
+                f"Received an invalid `uri`, expected a path or file:// URI under one of the server's "
+                f"dataset roots. Received: uri={uri!r}"
+            )
+        return training_service_pb2.CreateDatasetRequest(
+            dataset_id=dataset_id,
+            uri=uri,
+            source=dataset_source(
+                format,
+                tfrecord_features=tfrecord_features,
+                tfrecord_labels=tfrecord_labels,
+                image_size=image_size,
+                channels=channels,
+            ),
+        )
+
+    @staticmethod
+    def _create_job_request(
+        spec: training_service_pb2.JobSpec, job_id: str
+    ) -> training_service_pb2.CreateJobRequest:
+        if not isinstance(spec, training_service_pb2.JobSpec):
+            raise TypeError(
+                f"Received an invalid `spec`, expected a `JobSpec` built with `weightsmith.jobs.spec`. "
+                f"Received: {type(spec).__name__}"
+            )
+        return training_service_pb2.CreateJobRequest(job_id=job_id, spec=spec)
+
+    @staticmethod
+    def _list_job_events_request(
+        job_id: str, after_sequence: int, page_size: int, page_token: str
+    ) -> training_service_pb2.ListJobEventsRequest:
+        return training_service_pb2.ListJobEventsRequest(
+            job_id=job_id,
+            after_sequence=_check_int("after_sequence", after_sequence, 0),
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+    def _job_watch(
+        self,
+        job_id: str,
+        *,
+        after_sequence: int = 0,
+        reconnect: bool = True,
+        max_reconnects: int = DEFAULT_MAX_RECONNECTS,
+        timeout: float | None = None,
+    ) -> JobWatch:
+        return JobWatch(
+            job_id,
+            after_sequence=after_sequence,
+            reconnect=reconnect,
+            max_reconnects=max_reconnects,
+            stream_timeout=self._stream_timeout,
+            timeout=timeout,
+        )
 
 
 class _Cancellable(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -17,13 +18,18 @@ import numpy as np
 
 from weightsmith._base import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_RECONNECTS,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     DEFAULT_UPLOAD_CHUNK_BYTES,
     READ_WEIGHTS_METHOD,
+    TERMINAL_JOB_STATES,
     WRITE_WEIGHTS_METHOD,
     ChannelOptions,
+    DatasetSourceLike,
     ExportReceiver,
+    FeatureSpecLike,
+    JobWatch,
     PredictInputs,
     SelectorLike,
     WeightsReader,
@@ -40,6 +46,8 @@ from weightsmith.v1 import (
     model_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
+    training_service_pb2,
+    training_service_pb2_grpc,
     weight_service_pb2,
     weight_service_pb2_grpc,
 )
@@ -52,16 +60,20 @@ class Client(_BaseClient):
     Safe to share between threads. Every failure raises a
     `weightsmith.WeightsmithError` subclass, one per gRPC status code.
 
-    Reads (`get_model`, `list_models`, `predict`, `server_info`,
-    `read_weights`, `list_revisions`, `get_revision`, `diff_revisions`) are
-    retried on UNAVAILABLE with exponential backoff; mutations (including
-    `apply_edits` and `revert_model`) are never retried.
+    Reads (`get_model`, `list_models`, `predict`, `evaluate`,
+    `server_info`, `read_weights`, `list_revisions`, `get_revision`,
+    `diff_revisions`, `get_dataset`, `list_datasets`, `get_job`,
+    `list_jobs`, `list_job_events`) are retried on UNAVAILABLE with
+    exponential backoff; mutations (including `apply_edits`, `revert_model`,
+    `create_job` and `cancel_job`) are never retried. `watch_job`
+    reconnects by itself from the last event it saw.
 
     Args:
         target: The server address, `host:port` or any gRPC target URI.
         timeout: Deadline in seconds of each unary call; None for none.
         stream_timeout: Deadline in seconds of each streaming call (uploads,
-            exports, weight reads and writes); None (the default) for none.
+            exports, weight reads and writes, job watches); None (the
+            default) for none.
         author: Recorded as the author of every revision this client
             commits (the `weightsmith-author` metadata); defaults to
             `user@hostname`. Printable ASCII.
@@ -111,6 +123,7 @@ class Client(_BaseClient):
             self._channel = grpc.secure_channel(target, credentials, options=self._channel_options)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._weights = weight_service_pb2_grpc.WeightServiceStub(self._channel)
+        self._training = training_service_pb2_grpc.TrainingServiceStub(self._channel)
         self._read_weights_call = self._channel.unary_stream(
             READ_WEIGHTS_METHOD,
             request_serializer=weight_service_pb2.ReadWeightsRequest.SerializeToString,
@@ -396,6 +409,57 @@ class Client(_BaseClient):
             response = self._models.Predict(request, timeout=self._timeout, metadata=self._metadata)
         return self._predict_result(response)
 
+    def evaluate(
+        self,
+        model_id: str,
+        dataset_id: str,
+        *,
+        loss: str,
+        metrics: Sequence[str] = (),
+        batch_size: int = 0,
+        revision: int = 0,
+        split: str = "train",
+        rescale: float | None = None,
+    ) -> model_service_pb2.EvaluateResponse:
+        """Compute a model's loss and metrics over a dataset, without training.
+
+        Args:
+            model_id: The model's id.
+            dataset_id: The dataset's id.
+            loss: A Keras loss name, for example `"sparse_categorical_crossentropy"`.
+            metrics: Keras metric names, for example `["accuracy"]`.
+            batch_size: Batch size; 0 for the server's 32.
+            revision: The revision to evaluate; 0 for the current one.
+            split: `"train"` or `"validation"` (the validation examples the
+                dataset carries).
+            rescale: Multiply inputs by this factor first, as a job's
+                preprocessing would (for example `1 / 255`); None for none.
+
+        Returns:
+            The `EvaluateResponse`: `loss`, `metrics`, `example_count` and
+            the `revision` evaluated.
+
+        Example:
+
+        ```python
+        result = client.evaluate("tiny", "toy", loss="sparse_categorical_crossentropy",
+                                 metrics=["accuracy"], split="validation")
+        print(result.loss, result.metrics["accuracy"])
+        ```
+        """
+        request = self._evaluate_request(
+            model_id,
+            dataset_id,
+            loss=loss,
+            metrics=metrics,
+            batch_size=batch_size,
+            revision=revision,
+            split=split,
+            rescale=rescale,
+        )
+        with translate_errors():
+            return self._models.Evaluate(request, timeout=self._timeout, metadata=self._metadata)
+
     def server_info(self) -> model_service_pb2.GetServerInfoResponse:
         """Return the server's versions, devices, limits and catalog names."""
         request = model_service_pb2.GetServerInfoRequest()
@@ -661,3 +725,406 @@ class Client(_BaseClient):
         with translate_errors():
             response = self._weights.RevertModel(request, timeout=self._timeout, metadata=self._metadata)
         return response.revision
+
+    # --- datasets -------------------------------------------------------------
+
+    def upload_dataset(
+        self,
+        source: DatasetSourceLike,
+        dataset_id: str = "",
+        *,
+        format: str | None = None,
+        tfrecord_features: FeatureSpecLike | None = None,
+        tfrecord_labels: FeatureSpecLike | None = None,
+        image_size: Sequence[int] | None = None,
+        channels: int = 3,
+        chunk_size_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+    ) -> training_service_pb2.Dataset:
+        """Upload a dataset for training jobs and `evaluate`.
+
+        The server validates it completely before acknowledging it; nothing
+        is created otherwise. The source's form gives its format unless
+        `format` says otherwise:
+
+        - a mapping of arrays `{"x", "y"}`, optionally with `"x_val"` and
+          `"y_val"`: sent as an `.npz` built in memory (`"npz"`);
+        - a `.npz` file (`"npz"`) or a `.tfrecord` file (`"tfrecord"`, with
+          `tfrecord_features` and `tfrecord_labels`);
+        - a `.zip`, `.tar` or `.tar.gz` archive of an image folder, or the
+          image folder itself, one subfolder per class, zipped on the fly
+          into a temporary file (`"image_folder"`, with `image_size`);
+        - the file's bytes, with `format`.
+
+        Args:
+            source: The arrays, a path, or bytes.
+            dataset_id: The new id, matching `[a-z0-9][a-z0-9-]{0,62}`; the
+                server picks one when empty.
+            format: `"npz"`, `"tfrecord"` or `"image_folder"`; None to tell
+                from `source`.
+            tfrecord_features: The input feature of each `tf.train.Example`,
+                as `(name, dtype, shape)` with dtype `"float32"`, `"int64"` or
+                `"uint8"` (a bytes_list of raw bytes), or a `FeatureSpec`.
+            tfrecord_labels: The label feature, in the same form.
+            image_size: `(height, width)` every image is resized to.
+            channels: 1 (grayscale) or 3 (RGB), for image folders.
+            chunk_size_bytes: Bytes per streamed message.
+
+        Returns:
+            The validated `Dataset`: example counts, feature and label specs,
+            class names.
+
+        Example:
+
+        ```python
+        x = np.random.rand(512, 32, 32, 3).astype(np.float32)
+        y = np.random.randint(0, 10, 512)
+        dataset = client.upload_dataset({"x": x, "y": y}, "cifar-toy")
+        flowers = client.upload_dataset("flower_photos/", "flowers", image_size=(96, 96))
+        ```
+        """
+        chunk_size = self._upload_chunk_size(chunk_size_bytes)
+        upload = self._dataset_upload(
+            source,
+            dataset_id,
+            format=format,
+            tfrecord_features=tfrecord_features,
+            tfrecord_labels=tfrecord_labels,
+            image_size=image_size,
+            channels=channels,
+        )
+        try:
+            with translate_errors():
+                response = self._training.UploadDataset(
+                    upload.messages(chunk_size), timeout=self._stream_timeout, metadata=self._metadata
+                )
+        finally:
+            upload.close()
+        return response.dataset
+
+    def create_dataset(
+        self,
+        uri: str,
+        dataset_id: str = "",
+        *,
+        format: str,
+        tfrecord_features: FeatureSpecLike | None = None,
+        tfrecord_labels: FeatureSpecLike | None = None,
+        image_size: Sequence[int] | None = None,
+        channels: int = 3,
+    ) -> training_service_pb2.Dataset:
+        """Register a dataset from a file the server reads itself, without uploading it.
+
+        Args:
+            uri: A path (or `file://` URI) under one of the server's dataset
+                roots (`--dataset-roots`), or a path inside the store's
+                `imports/`.
+            dataset_id: The new id; the server picks one when empty.
+            format: `"npz"`, `"tfrecord"` or `"image_folder"` (a zip or tar
+                archive).
+            tfrecord_features: For TFRecords: the input feature, as
+                `(name, dtype, shape)` or a `FeatureSpec`.
+            tfrecord_labels: For TFRecords: the label feature.
+            image_size: For image folders: `(height, width)`.
+            channels: For image folders: 1 or 3.
+
+        Returns:
+            The validated `Dataset`.
+
+        Example:
+
+        ```python
+        dataset = client.create_dataset(
+            "/data/mnist.tfrecord", "mnist", format="tfrecord",
+            tfrecord_features=("image", "uint8", [28, 28, 1]),
+            tfrecord_labels=("label", "int64", []),
+        )
+        ```
+        """
+        request = self._create_dataset_request(
+            uri,
+            dataset_id,
+            format=format,
+            tfrecord_features=tfrecord_features,
+            tfrecord_labels=tfrecord_labels,
+            image_size=image_size,
+            channels=channels,
+        )
+        with translate_errors():
+            response = self._training.CreateDataset(request, timeout=self._timeout, metadata=self._metadata)
+        return response.dataset
+
+    def get_dataset(self, dataset_id: str) -> training_service_pb2.Dataset:
+        """Return a dataset's description.
+
+        Args:
+            dataset_id: The dataset's id.
+
+        Returns:
+            The `Dataset`.
+        """
+        request = training_service_pb2.GetDatasetRequest(dataset_id=dataset_id)
+        with translate_errors():
+            response = self._training.GetDataset(request, timeout=self._timeout, metadata=self._metadata)
+        return response.dataset
+
+    def list_datasets(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> training_service_pb2.ListDatasetsResponse:
+        """Return one page of datasets, ordered by id.
+
+        Args:
+            page_size: Most datasets to return, 1 to 1000; 0 for the server's 100.
+            page_token: `next_page_token` of the previous page; "" for the first.
+
+        Returns:
+            The page: `datasets` and `next_page_token` ("" on the last page).
+        """
+        request = training_service_pb2.ListDatasetsRequest(page_size=page_size, page_token=page_token)
+        with translate_errors():
+            return self._training.ListDatasets(request, timeout=self._timeout, metadata=self._metadata)
+
+    def iter_datasets(self, *, page_size: int = 0) -> Iterator[training_service_pb2.Dataset]:
+        """Yield every dataset, ordered by id, fetching pages as needed.
+
+        Args:
+            page_size: Datasets per page; 0 for the server's default.
+
+        Returns:
+            An iterator of `Dataset`s.
+
+        Example:
+
+        ```python
+        ids = [dataset.dataset_id for dataset in client.iter_datasets()]
+        ```
+        """
+        page_token = ""
+        while True:
+            page = self.list_datasets(page_size=page_size, page_token=page_token)
+            yield from page.datasets
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset; `FailedPreconditionError` while a queued or running job uses it.
+
+        Args:
+            dataset_id: The dataset's id.
+        """
+        request = training_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id)
+        with translate_errors():
+            self._training.DeleteDataset(request, timeout=self._timeout, metadata=self._metadata)
+
+    # --- jobs -----------------------------------------------------------------
+
+    def create_job(self, spec: training_service_pb2.JobSpec, job_id: str = "") -> training_service_pb2.Job:
+        """Validate a fine-tuning job completely and queue it.
+
+        The job trains a working copy of the model, so `predict` and
+        `read_weights` keep serving the last committed revision; on success
+        it commits the result as one revision (or a new model). Never
+        retried: replaying it could queue the job twice.
+
+        Args:
+            spec: Built with `weightsmith.jobs.spec`.
+            job_id: The new id; the server picks one when empty.
+
+        Returns:
+            The queued `Job`.
+
+        Example:
+
+        ```python
+        from weightsmith import jobs
+
+        job = client.create_job(jobs.spec("tiny", "toy", epochs=2, batch_size=32,
+                                          optimizer=jobs.adam(1e-3),
+                                          loss="sparse_categorical_crossentropy"))
+        ```
+        """
+        request = self._create_job_request(spec, job_id)
+        with translate_errors():
+            response = self._training.CreateJob(request, timeout=self._timeout, metadata=self._metadata)
+        return response.job
+
+    def get_job(self, job_id: str) -> training_service_pb2.Job:
+        """Return a job: its state, progress and result.
+
+        Args:
+            job_id: The job's id.
+
+        Returns:
+            The `Job`.
+        """
+        request = training_service_pb2.GetJobRequest(job_id=job_id)
+        with translate_errors():
+            response = self._training.GetJob(request, timeout=self._timeout, metadata=self._metadata)
+        return response.job
+
+    def list_jobs(self, *, page_size: int = 0, page_token: str = "") -> training_service_pb2.ListJobsResponse:
+        """Return one page of jobs, newest first.
+
+        Args:
+            page_size: Most jobs to return, 1 to 1000; 0 for the server's 100.
+            page_token: `next_page_token` of the previous page; "" for the first.
+
+        Returns:
+            The page: `jobs` and `next_page_token` ("" on the last page).
+        """
+        request = training_service_pb2.ListJobsRequest(page_size=page_size, page_token=page_token)
+        with translate_errors():
+            return self._training.ListJobs(request, timeout=self._timeout, metadata=self._metadata)
+
+    def iter_jobs(self, *, page_size: int = 0) -> Iterator[training_service_pb2.Job]:
+        """Yield every job, newest first, fetching pages as needed.
+
+        Args:
+            page_size: Jobs per page; 0 for the server's default.
+
+        Returns:
+            An iterator of `Job`s.
+
+        Example:
+
+        ```python
+        running = [job.job_id for job in client.iter_jobs()
+                   if job.state == training_service_pb2.JOB_STATE_RUNNING]
+        ```
+        """
+        page_token = ""
+        while True:
+            page = self.list_jobs(page_size=page_size, page_token=page_token)
+            yield from page.jobs
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    def cancel_job(self, job_id: str) -> training_service_pb2.Job:
+        """Cancel a queued or running job; it commits nothing.
+
+        Args:
+            job_id: The job's id.
+
+        Returns:
+            The `Job`; CANCELLED once it has stopped (within one progress
+            interval), so `wait_job` may be needed to see the final state.
+        """
+        request = training_service_pb2.CancelJobRequest(job_id=job_id)
+        with translate_errors():
+            response = self._training.CancelJob(request, timeout=self._timeout, metadata=self._metadata)
+        return response.job
+
+    def list_job_events(
+        self, job_id: str, *, after_sequence: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> training_service_pb2.ListJobEventsResponse:
+        """Return one page of a job's events, in sequence order, for pollers.
+
+        Args:
+            job_id: The job's id.
+            after_sequence: Start after this sequence number (without a page token).
+            page_size: Most events to return, 1 to 1000; 0 for the server's 100.
+            page_token: `next_page_token` of the previous page; "" for the first.
+
+        Returns:
+            The page: `events` and `next_page_token` (not empty while there
+            may be more, also while the job runs).
+        """
+        request = self._list_job_events_request(job_id, after_sequence, page_size, page_token)
+        with translate_errors():
+            return self._training.ListJobEvents(request, timeout=self._timeout, metadata=self._metadata)
+
+    def watch_job(
+        self,
+        job_id: str,
+        *,
+        after_sequence: int = 0,
+        reconnect: bool = True,
+        max_reconnects: int = DEFAULT_MAX_RECONNECTS,
+    ) -> Iterator[training_service_pb2.JobEvent]:
+        """Yield a job's events in sequence order, live, until the job ends.
+
+        Events already stored are replayed first. When the stream fails
+        because the connection did (UNAVAILABLE, DEADLINE_EXCEEDED, or a
+        reset connection reported as INTERNAL or UNKNOWN), it reconnects from
+        the last event seen after a backoff of 0.2 s doubling to 2 s, so the
+        sequence stays gap-free and without repeats. Other errors raise. The
+        stream has no deadline unless the client's `stream_timeout` sets one
+        (each connection then lasts at most that long).
+
+        Args:
+            job_id: The job's id.
+            after_sequence: Yield only events after this sequence number; 0
+                for all.
+            reconnect: Reconnect after a connection failure; False to raise it.
+            max_reconnects: Most reconnections in a row without receiving an
+                event before the failure is raised.
+
+        Returns:
+            An iterator of `JobEvent`s; it ends when the job has ended.
+
+        Example:
+
+        ```python
+        for event in client.watch_job(job.job_id):
+            if event.WhichOneof("kind") == "epoch_ended":
+                print(event.epoch_ended.epoch, dict(event.epoch_ended.validation_metrics))
+        ```
+        """
+        watch = self._job_watch(
+            job_id, after_sequence=after_sequence, reconnect=reconnect, max_reconnects=max_reconnects
+        )
+        yield from self._watch(watch)
+
+    def _watch(self, watch: JobWatch) -> Iterator[training_service_pb2.JobEvent]:
+        with translate_errors():
+            while True:
+                call = self._training.WatchJob(
+                    watch.request(), timeout=watch.call_timeout(), metadata=self._metadata
+                )
+                try:
+                    with cancel_on_error(call):
+                        for response in call:
+                            if watch.accept(response.event):
+                                yield response.event
+                    return
+                except grpc.RpcError as exc:
+                    delay = watch.reconnect_delay(exc)
+                    if delay is None:
+                        raise
+                time.sleep(delay)
+
+    def wait_job(self, job_id: str, *, timeout: float | None = None) -> training_service_pb2.Job:
+        """Block until a job has ended and return it.
+
+        Watches the job's events (reconnecting like `watch_job`), then
+        fetches the final `Job`. A failed or cancelled job is returned, not
+        raised: check its `state` and `error`.
+
+        Args:
+            job_id: The job's id.
+            timeout: Most seconds to wait; None to wait as long as it takes.
+
+        Returns:
+            The ended `Job`.
+
+        Raises:
+            TimeoutError: The job had not ended after `timeout` seconds (it
+                keeps running; `cancel_job` stops it).
+
+        Example:
+
+        ```python
+        job = client.wait_job(job.job_id, timeout=3600)
+        if job.state == training_service_pb2.JOB_STATE_SUCCEEDED:
+            print("committed revision", job.result_revision)
+        ```
+        """
+        watch = self._job_watch(job_id, timeout=timeout)
+        job = self.get_job(job_id)
+        if job.state in TERMINAL_JOB_STATES:
+            return job
+        watch.last_sequence = job.last_sequence
+        for _ in self._watch(watch):
+            pass
+        return self.get_job(job_id)

@@ -21,13 +21,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from weightsmith.v1 import model_service_pb2, model_service_pb2_grpc, weight_service_pb2
+from weightsmith.v1 import (
+    model_service_pb2,
+    model_service_pb2_grpc,
+    training_service_pb2,
+    training_service_pb2_grpc,
+    weight_service_pb2,
+)
 from weightsmith_server import logs, metrics
 from weightsmith_server.api import weight_servicer
 from weightsmith_server.api.interceptors import ErrorInterceptor
 from weightsmith_server.api.model_servicer import ModelServicer
+from weightsmith_server.api.training_servicer import TrainingServicer
 from weightsmith_server.config import Config, parse_config
+from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.devices import Devices
+from weightsmith_server.jobs.manager import JobManager
 from weightsmith_server.registry import Registry
 from weightsmith_server.store import Store
 
@@ -36,6 +45,7 @@ log = logging.getLogger("weightsmith_server")
 SERVICE_NAMES = (
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
     weight_service_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name,
+    training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
 )
 
 
@@ -48,12 +58,19 @@ class RunningServer:
     registry: Registry
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
+    jobs: JobManager
 
     async def stop(self, grace: float | None) -> None:
-        """Stop accepting calls, let in-flight ones finish within `grace`, release."""
+        """Stop accepting calls, let in-flight ones finish within `grace`, release.
+
+        Running jobs stop at their next step and stay RUNNING: the next start
+        resumes them from their last checkpoint.
+        """
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        stopping_jobs = asyncio.get_running_loop().run_in_executor(None, self.jobs.stop)
         await self.server.stop(grace)
+        await stopping_jobs
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -81,11 +98,21 @@ async def create_server(config: Config) -> RunningServer:
     devices = Devices(config.device)
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="weightsmith-work")
     registry = Registry(store, devices, executor, config.max_upload_bytes, config.retain_revisions)
+    datasets = DatasetStore(
+        store.root,
+        executor,
+        allowed_roots=config.dataset_root_paths,
+        max_upload_bytes=config.max_upload_bytes,
+    )
+    jobs = JobManager(store.root, registry, datasets, runners=config.max_running_jobs)
 
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.max_message_bytes)], options=_server_options(config)
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry, config), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelServicer(registry, config, datasets), server
+    )
+    training_service_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(datasets, jobs), server)
     weight_servicer.add_to_server(weight_servicer.WeightServicer(registry, config.chunk_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,13 +125,16 @@ async def create_server(config: Config) -> RunningServer:
     port = server.add_insecure_port(config.address)
     await server.start()
     await registry.restore()
+    datasets.restore()
+    jobs.restore()
+    jobs.start()
     metrics.RESIDENT_MODELS.set_function(lambda: len(registry.models()))
     metrics.RESIDENT_BYTES.set_function(lambda: sum(registry.resident_bytes().values()))
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.address.rpartition(":")[0]
     log.info("weightsmith serving on %s:%d (store %s)", host, port, store.root)
-    return RunningServer(server, port, registry, health_servicer, executor)
+    return RunningServer(server, port, registry, health_servicer, executor, jobs)
 
 
 async def serve(config: Config) -> None:

@@ -27,6 +27,8 @@ class Config:
     chunk_kb: int = 2048
     workers: int = 8
     retain_revisions: int = 0
+    dataset_roots: str = ""
+    max_running_jobs: int = 1
     grace_seconds: float = 10.0
     metrics_address: str = ""
     log_format: str = "text"
@@ -44,6 +46,10 @@ class Config:
     def chunk_bytes(self) -> int:
         return self.chunk_kb * 1024
 
+    @property
+    def dataset_root_paths(self) -> list[Path]:
+        return [Path(p.strip()).resolve() for p in self.dataset_roots.split(",") if p.strip()]
+
 
 _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("address", str, "host:port to listen on (port 0 picks a free port)"),
@@ -54,6 +60,12 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("chunk-kb", int, "size of the weight chunks the server sends, in KiB (64 to 4096)"),
     ("workers", int, "threads for blocking request work"),
     ("retain-revisions", int, "keep only the last N revisions of each model (0 keeps all)"),
+    (
+        "dataset-roots",
+        str,
+        "comma-separated folders CreateDataset may read from (besides the store's imports/)",
+    ),
+    ("max-running-jobs", int, "jobs that train at the same time (one per device is the sensible most)"),
     ("grace-seconds", float, "how long SIGTERM waits for in-flight calls"),
     ("metrics-address", str, "host:port of the Prometheus endpoint; empty disables it"),
     ("log-format", str, "`text` or `json`"),
@@ -85,6 +97,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         parser.error(f"--chunk-kb must be between 64 and 4096, received {config.chunk_kb}")
     if config.max_message_mb < 5:
         parser.error(f"--max-message-mb must be at least 5, received {config.max_message_mb}")
+    if config.max_running_jobs < 1:
+        parser.error(f"--max-running-jobs must be at least 1, received {config.max_running_jobs}")
     if config.retain_revisions < 0:
         parser.error(f"--retain-revisions must be 0 or more, received {config.retain_revisions}")
     if config.log_format not in ("text", "json"):

@@ -149,6 +149,32 @@ class ResidentModel:
         self.commit_lock = threading.Lock()
         # Set under `commit_lock`: a deleted model accepts no more commits.
         self.deleted = False
+        # The in-place job training this model, which alone may commit meanwhile.
+        self.job: str | None = None
+
+    def reserve_for_job(self, job_id: str) -> bool:
+        """Lock the model for an in-place job; False if another job holds it."""
+        with self.commit_lock:
+            if self.job not in (None, job_id):
+                return False
+            self.job = job_id
+            return True
+
+    def release_job(self, job_id: str) -> None:
+        with self.commit_lock:
+            if self.job == job_id:
+                self.job = None
+
+    def check_not_busy(self, field: str = "model_id", job_id: str | None = None) -> None:
+        """FAILED_PRECONDITION while an in-place job (other than `job_id`) trains the model."""
+        if self.job is not None and self.job != job_id:
+            raise FailedPrecondition(
+                f"Model {self.model_id!r} is being trained in place by job {self.job!r}; mutations wait "
+                "until it ends (CancelJob stops it). Predict and ReadWeights keep working.",
+                reason="MODEL_BUSY",
+                field=field,
+                metadata={"job_id": self.job},
+            )
 
     @property
     def revision(self) -> int:
@@ -602,6 +628,22 @@ class Registry:
                 field="chunk",
             )
 
+    def create_from_values(
+        self, model_id: str, config_json: str, values: dict[str, np.ndarray], *, message: str, author: str
+    ) -> ModelInfo:
+        """A new model from a config and values (a job's output); blocking."""
+        model_id = self._reserve(model_id, "spec.output_model_id")
+        try:
+            device = self.devices.choose(self.resident_bytes())
+            model = architecture.rebuild(config_json, device=device)
+            for entry, variable in model_variables(model):
+                variable.assign(values[entry.path])
+            return self._commit_new(
+                model_id, model, device, type(model).__name__, "job", "create", message, author
+            ).describe()
+        finally:
+            self._release(model_id)
+
     def _commit_new(
         self,
         model_id: str,
@@ -668,6 +710,7 @@ class Registry:
 
         def remove() -> None:
             with resident.commit_lock:
+                resident.check_not_busy()
                 resident.deleted = True
                 with self._lock:
                     if self._models.get(model_id) is not resident:
@@ -690,6 +733,7 @@ class Registry:
         expected_revision: int | None,
         prepare: Callable[[ModelState, int], Prepared],
         field_prefix: str = "",
+        job_id: str | None = None,
     ) -> RevisionRecord:
         """Commit one new revision of a resident model, or nothing at all.
 
@@ -707,6 +751,7 @@ class Registry:
                         reason="MODEL_NOT_FOUND",
                         field=f"{field_prefix}model_id",
                     )
+                resident.check_not_busy(f"{field_prefix}model_id", job_id)
                 check_expected_revision(resident, expected_revision, f"{field_prefix}expected_revision")
                 number = resident.revision + 1
                 prepared = prepare(resident.state, number)

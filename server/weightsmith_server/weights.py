@@ -61,6 +61,7 @@ class WeightWrite:
     ) -> None:
         self._registry = registry
         self._resident = registry.get(model_id, field="header.model_id")
+        self._resident.check_not_busy("header.model_id")
         check_expected_revision(self._resident, expected_revision, "header.expected_revision")
         # "open" until commit or abort claims the write; the other then does nothing.
         self._phase = "open"

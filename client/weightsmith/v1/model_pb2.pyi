@@ -35,6 +35,8 @@ class _ModelSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelSour
     """Built from a Keras model config JSON."""
     MODEL_SOURCE_UPLOAD: _ModelSource.ValueType  # 3
     """Loaded from an uploaded `.keras` file."""
+    MODEL_SOURCE_JOB: _ModelSource.ValueType  # 4
+    """Written by a fine-tuning job (`JobSpec.output_model_id`)."""
 
 class ModelSource(_ModelSource, metaclass=_ModelSourceEnumTypeWrapper):
     """How a model came to be on the server."""
@@ -47,6 +49,8 @@ MODEL_SOURCE_CONFIG: ModelSource.ValueType  # 2
 """Built from a Keras model config JSON."""
 MODEL_SOURCE_UPLOAD: ModelSource.ValueType  # 3
 """Loaded from an uploaded `.keras` file."""
+MODEL_SOURCE_JOB: ModelSource.ValueType  # 4
+"""Written by a fine-tuning job (`JobSpec.output_model_id`)."""
 Global___ModelSource: _TypeAlias = ModelSource  # noqa: Y015
 
 @_typing.final

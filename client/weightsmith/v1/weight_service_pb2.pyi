@@ -41,6 +41,8 @@ class _RevisionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Revision
     """A batch of edits was applied by ApplyEdits."""
     REVISION_KIND_REVERT: _RevisionKind.ValueType  # 5
     """An earlier revision was restored by RevertModel."""
+    REVISION_KIND_JOB: _RevisionKind.ValueType  # 6
+    """A fine-tuning job committed its result."""
 
 class RevisionKind(_RevisionKind, metaclass=_RevisionKindEnumTypeWrapper):
     """What kind of change a revision records."""
@@ -57,6 +59,8 @@ REVISION_KIND_EDIT: RevisionKind.ValueType  # 4
 """A batch of edits was applied by ApplyEdits."""
 REVISION_KIND_REVERT: RevisionKind.ValueType  # 5
 """An earlier revision was restored by RevertModel."""
+REVISION_KIND_JOB: RevisionKind.ValueType  # 6
+"""A fine-tuning job committed its result."""
 Global___RevisionKind: _TypeAlias = RevisionKind  # noqa: Y015
 
 @_typing.final

@@ -40,6 +40,7 @@ _SOURCES = {
     "catalog": model_pb2.MODEL_SOURCE_CATALOG,
     "config": model_pb2.MODEL_SOURCE_CONFIG,
     "upload": model_pb2.MODEL_SOURCE_UPLOAD,
+    "job": model_pb2.MODEL_SOURCE_JOB,
 }
 _REVISION_KINDS = {
     "create": weight_service_pb2.REVISION_KIND_CREATE,
@@ -47,6 +48,7 @@ _REVISION_KINDS = {
     "write_weights": weight_service_pb2.REVISION_KIND_WRITE_WEIGHTS,
     "edit": weight_service_pb2.REVISION_KIND_EDIT,
     "revert": weight_service_pb2.REVISION_KIND_REVERT,
+    "job": weight_service_pb2.REVISION_KIND_JOB,
 }
 _POOLING = {model_service_pb2.POOLING_AVG: "avg", model_service_pb2.POOLING_MAX: "max"}
 EXPORT_FORMATS = {

@@ -12,7 +12,9 @@ from weightsmith.v1 import model_service_pb2, model_service_pb2_grpc, tensor_pb2
 from weightsmith_server import __version__, architecture
 from weightsmith_server.api import convert
 from weightsmith_server.config import Config
+from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.jobs.evaluation import evaluate
 from weightsmith_server.registry import Registry
 from weightsmith_server.tensors import decode_tensor, encode_tensor
 
@@ -22,9 +24,10 @@ _DEVICE_KINDS = {"CPU": model_service_pb2.DEVICE_KIND_CPU, "GPU": model_service_
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """Create, upload, inspect, export, delete and run models."""
 
-    def __init__(self, registry: Registry, config: Config) -> None:
+    def __init__(self, registry: Registry, config: Config, datasets: DatasetStore) -> None:
         self._registry = registry
         self._config = config
+        self._datasets = datasets
 
     async def CreateModel(
         self, request: model_service_pb2.CreateModelRequest, context: grpc.aio.ServicerContext
@@ -150,4 +153,26 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                 chunk_size_bytes=self._config.chunk_bytes,
             ),
             catalog_architectures=architecture.catalog_names(),
+        )
+
+    async def Evaluate(
+        self, request: model_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
+    ) -> model_service_pb2.EvaluateResponse:
+        result = await evaluate(
+            self._registry,
+            self._datasets,
+            request.model_id,
+            request.dataset_id,
+            revision=request.revision,
+            loss=request.loss,
+            metrics=tuple(request.metrics),
+            batch_size=request.batch_size,
+            split="validation" if request.split == model_service_pb2.DATASET_SPLIT_VALIDATION else "train",
+            rescale=request.rescale if request.HasField("rescale") else None,
+        )
+        return model_service_pb2.EvaluateResponse(
+            loss=result.loss,
+            metrics=result.metrics,
+            example_count=result.example_count,
+            revision=result.revision,
         )

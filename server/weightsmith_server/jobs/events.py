@@ -1,0 +1,154 @@
+"""A job's event log: persisted with gap-free sequence numbers, then published.
+
+Training threads `append` without waiting: a writer thread assigns the
+sequence number, appends the JSON line to `events.jsonl`, fsyncs, and only
+then makes the event visible to readers. Watchers read the log from their
+own position and wait for news on a per-log condition; nothing a watcher
+does (reading slowly, stalling, disconnecting) reaches the training thread
+or the other watchers, and every watcher sees every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from weightsmith_server.registry import utc_now
+
+log = logging.getLogger(__name__)
+
+
+class EventLog:
+    """The events of one job, in memory and in `events.jsonl`."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._events: list[dict[str, Any]] = []
+        if path.exists():
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    line = line.strip()
+                    if line:
+                        try:
+                            self._events.append(json.loads(line))
+                        except json.JSONDecodeError:
+                            break  # a line torn by a crash: it was never published
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the log)
+        self._changed = threading.Condition()
+        self._closed = False
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    @property
+    def last_sequence(self) -> int:
+        return self._events[-1]["sequence"] if self._events else 0
+
+    def events_after(self, sequence: int, limit: int | None = None) -> list[dict[str, Any]]:
+        """Published events with a greater sequence number, oldest first."""
+        start = max(0, sequence)  # sequence numbers are 1..n, gap-free
+        return self._events[start : None if limit is None else start + limit]
+
+    def write(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Persist one event and publish it; called from the log's writer thread only."""
+        event = {"sequence": self.last_sequence + 1, "time": utc_now(), "kind": kind, "payload": payload}
+        self._handle.write(json.dumps(event) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        with self._changed:
+            self._events.append(event)
+            self._changed.notify_all()
+            waiters = list(self._waiters)
+        for loop, flag in waiters:
+            loop.call_soon_threadsafe(flag.set)
+        return event
+
+    def close(self) -> None:
+        """No more events: wake every watcher so it can finish."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            waiters = list(self._waiters)
+        for loop, flag in waiters:
+            loop.call_soon_threadsafe(flag.set)
+        self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def follow(self, after: int) -> AsyncIterator[dict[str, Any]]:
+        """Yield events after `after`, then new ones as they come, until the log closes.
+
+        A job's log closes right after its final event is published, so a
+        watcher always receives that event before its stream ends.
+        """
+        loop = asyncio.get_running_loop()
+        flag = asyncio.Event()
+        waiter = (loop, flag)
+        with self._changed:
+            self._waiters.add(waiter)
+        try:
+            position = after
+            while True:
+                flag.clear()
+                fresh = self.events_after(position)
+                for event in fresh:
+                    yield event
+                    position = event["sequence"]
+                if not fresh and self._closed:
+                    return
+                if not fresh:
+                    await flag.wait()
+        finally:
+            with self._changed:
+                self._waiters.discard(waiter)
+
+
+class EventWriter:
+    """One thread that persists the events of every job in order of arrival."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[EventLog, str, dict[str, Any], threading.Event | None] | None] = (
+            queue.Queue()
+        )
+        self._thread = threading.Thread(target=self._run, name="weightsmith-events", daemon=True)
+        self._thread.start()
+
+    def append(self, events: EventLog, kind: str, payload: dict[str, Any], *, wait: bool = False) -> None:
+        """Queue an event; with `wait`, return once it is persisted and published."""
+        done = threading.Event() if wait else None
+        self._queue.put((events, kind, payload, done))
+        if done is not None:
+            done.wait()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            events, kind, payload, done = item
+            try:
+                events.write(kind, payload)
+            except Exception:
+                log.exception("persisting a job event failed")
+            finally:
+                if done is not None:
+                    done.set()
+
+    def flush(self) -> None:
+        """Wait until every event queued so far is persisted."""
+        done = threading.Event()
+        self._queue.put((_NullLog(), "", {}, done))  # type: ignore[arg-type]
+        done.wait()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(30)
+
+
+class _NullLog:
+    def write(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return {}
