@@ -25,5 +25,9 @@ def test_readme_examples_run(server: ServerHandle, tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "readme"}
     for index, block in enumerate(_python_blocks()):
-        code = block.replace("127.0.0.1:50051", server.address).replace("/tmp/", f"{tmp_path}/")
+        code = (
+            block.replace("127.0.0.1:50051", server.address)
+            .replace("/tmp/", f"{tmp_path}/")
+            .replace("weightsmith-data/", f"{server.store}/")
+        )
         exec(compile(code, f"README.md block {index}", "exec"), namespace)
