@@ -8,6 +8,7 @@ registered objects, and the builtin layers that load or run foreign code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import zipfile
@@ -203,11 +204,14 @@ def load_upload(path: Path, *, device: str, field: str) -> Any:
 
 
 def rebuild(config_json: str, *, device: str, seed: int | None = None) -> Any:
-    """Rebuild a checked architecture; `seed` fixes the fresh variables' values."""
+    """Rebuild a checked architecture; `seed` fixes the fresh variables' values.
+
+    An empty `device` leaves placement to the caller (a distribution strategy).
+    """
     import keras
     import tensorflow as tf
 
-    with _BUILD_LOCK, tf.device(device):
+    with _BUILD_LOCK, tf.device(device) if device else contextlib.nullcontext():
         if seed is not None:
             keras.utils.set_random_seed(seed)
         return keras.models.model_from_json(config_json)

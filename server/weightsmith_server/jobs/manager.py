@@ -327,6 +327,7 @@ class JobManager:
                 device=resident.device,
                 job_dir=job.folder,
                 reporter=_Reporter(self, job),
+                gpus=[d.name for d in self.registry.devices.devices if d.kind == "GPU"],
             )
         except training.JobStopped:
             if job.cancel.is_set():

@@ -9,12 +9,13 @@ and completes the same epochs and steps as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -346,15 +347,22 @@ def run(
     device: str,
     job_dir: Path,
     reporter: Reporter,
+    gpus: Sequence[str] = (),
 ) -> Outcome:
-    """Train to the end (or raise `JobStopped`), returning the trained values."""
+    """Train to the end (or raise `JobStopped`), returning the trained values.
+
+    With more than one GPU in `gpus` the job trains under a
+    `MirroredStrategy` over them; otherwise on `device`.
+    """
     import keras
     import tensorflow as tf
 
     if spec.seed is not None:
         keras.utils.set_random_seed(spec.seed)
-    with tf.device(device):
-        model = working_model(config_json, values, spec, device)
+    strategy = tf.distribute.MirroredStrategy(list(gpus)) if len(gpus) > 1 else None
+    placement = contextlib.nullcontext() if strategy is not None else tf.device(device)
+    with placement, strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = working_model(config_json, values, spec, "" if strategy is not None else device)
         rate = learning_rate(spec.optimizer.learning_rate)
         model.compile(optimizer=optimizer(spec.optimizer, rate), loss=spec.loss, metrics=list(spec.metrics))
         input_dtype = str(model.inputs[0].dtype)
