@@ -72,7 +72,9 @@ async def evaluate(
                 variable.assign(store.load_tensor(model_id, by_path[entry.path]))
             model.compile(loss=loss, metrics=list(metrics))
             data, count = datasets.load(dataset_id, split)
-            batches = pipeline(data, spec, training=False, input_dtype=str(model.inputs[0].dtype), seed=None)
+            batches = pipeline(
+                data, spec, training=False, input_dtype=str(model.inputs[0].dtype), seed=None, count=count
+            )
             results = model.evaluate(batches, verbose=0, return_dict=True)
         del keras
         values = {k: float(v) for k, v in results.items()}

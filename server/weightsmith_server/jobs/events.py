@@ -31,16 +31,22 @@ class EventLog:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._events: list[dict[str, Any]] = []
+        good = 0  # bytes up to the end of the last complete, parseable line
         if path.exists():
-            with open(path, encoding="utf-8") as handle:
+            with open(path, "rb") as handle:
                 for line in handle:
-                    line = line.strip()
-                    if line:
-                        try:
-                            self._events.append(json.loads(line))
-                        except json.JSONDecodeError:
-                            break  # a line torn by a crash: it was never published
-        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the log)
+                    if not line.endswith(b"\n"):
+                        break  # a line torn by a crash: it was never published
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    if event.get("sequence") != len(self._events) + 1:
+                        break
+                    self._events.append(event)
+                    good += len(line)
+        self._handle = open(path, "ab")  # noqa: SIM115 (lives as long as the log)
+        self._truncate(good)
         self._changed = threading.Condition()
         self._closed = False
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
@@ -54,12 +60,23 @@ class EventLog:
         start = max(0, sequence)  # sequence numbers are 1..n, gap-free
         return self._events[start : None if limit is None else start + limit]
 
+    def _truncate(self, size: int) -> None:
+        """Cut the file to `size` bytes (a torn or failed tail), durably."""
+        if os.fstat(self._handle.fileno()).st_size != size:
+            os.ftruncate(self._handle.fileno(), size)
+            os.fsync(self._handle.fileno())
+
     def write(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Persist one event and publish it; called from the log's writer thread only."""
         event = {"sequence": self.last_sequence + 1, "time": utc_now(), "kind": kind, "payload": payload}
-        self._handle.write(json.dumps(event) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        size = os.fstat(self._handle.fileno()).st_size
+        try:
+            self._handle.write((json.dumps(event) + "\n").encode())
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError:
+            self._truncate(size)  # never leave half an event for the next start to trip on
+            raise
         with self._changed:
             self._events.append(event)
             self._changed.notify_all()
@@ -97,11 +114,12 @@ class EventLog:
             position = after
             while True:
                 flag.clear()
+                closed = self._closed  # read first: the final event is published before closing
                 fresh = self.events_after(position)
                 for event in fresh:
                     yield event
                     position = event["sequence"]
-                if not fresh and self._closed:
+                if not fresh and closed:
                     return
                 if not fresh:
                     await flag.wait()

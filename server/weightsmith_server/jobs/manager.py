@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -124,7 +125,7 @@ class JobManager:
         """Load every job; queue again those that were queued or running."""
         resumed = []
         for folder in sorted(self.root.iterdir()):
-            if not (folder / "job.json").is_file():
+            if folder.name.startswith(".") or not (folder / "job.json").is_file():
                 shutil.rmtree(folder, ignore_errors=True)  # creation never completed
                 continue
             record = JobRecord(**read_json(folder / "job.json"))
@@ -136,6 +137,11 @@ class JobManager:
                 job.events.close()
         for job in sorted(resumed, key=lambda j: (j.record.state != RUNNING, j.record.create_time)):
             self._queue.append(job.record.job_id)
+            spec = job.record.spec
+            if job.record.state == RUNNING and not spec["output_model_id"]:
+                # Keep the model locked until the job runs again: edits meanwhile would void it.
+                with contextlib.suppress(NotFound, FailedPrecondition):  # else it fails when it runs
+                    self.registry.get(spec["model_id"]).reserve_for_job(job.record.job_id)
         log.info("restored %d job(s), %d to run", len(self._jobs), len(resumed))
 
     def start(self) -> None:
@@ -223,6 +229,16 @@ class JobManager:
         job_id = validate_id(job_id, field="job_id", kind="job") if job_id else new_id("job")
         job_spec.validate(training_spec, self.registry, self.datasets)
         with self._lock:
+            output = training_spec.output_model_id
+            if output and any(
+                j.record.state in (QUEUED, RUNNING) and j.record.spec["output_model_id"] == output
+                for j in self._jobs.values()
+            ):
+                raise AlreadyExists(
+                    f"Another queued or running job writes model {output!r} already.",
+                    reason="MODEL_EXISTS",
+                    field="spec.output_model_id",
+                )
             if job_id in self._jobs:
                 raise AlreadyExists(
                     f"A job with id {job_id!r} exists already.", reason="JOB_EXISTS", field="job_id"
@@ -232,12 +248,18 @@ class JobManager:
             staging.mkdir()
             record = JobRecord(job_id, training_spec.to_dict(), document, QUEUED, utc_now())
             write_json(staging / "job.json", asdict(record))
+            (staging / "events.jsonl").touch()
             fsync_path(staging)
             os.rename(staging, self.root / job_id)
             fsync_path(self.root)
             job = _Job(record, EventLog(self.root / job_id / "events.jsonl"), self.root / job_id)
             self._jobs[job_id] = job
-        self.writer.append(job.events, "state_changed", {"state": QUEUED, "detail": ""}, wait=True)
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: self.writer.append(
+                job.events, "state_changed", {"state": QUEUED, "detail": ""}, wait=True
+            ),
+        )
         with self._lock:
             self._queue.append(job_id)
             self._lock.notify_all()
@@ -247,22 +269,33 @@ class JobManager:
     async def cancel(self, job_id: str, wait_seconds: float = 30.0) -> JobRecord:
         """Cancel a job; waits (up to `wait_seconds`) for a running one to stop."""
         job = self._job(job_id)
+        job.cancel.set()
         with self._lock:
-            if job.record.state == QUEUED and job_id in self._queue:
+            waiting = job_id in self._queue
+            if waiting:
                 self._queue.remove(job_id)
-                self._finish(job, CANCELLED, "")
-                return job.record
+        if waiting:  # queued, or waiting to resume: it never starts
+            await asyncio.get_running_loop().run_in_executor(None, self._cancel_waiting, job)
+            return job.record
         if job.record.state in FINISHED:
             raise FailedPrecondition(
                 f"Job {job_id!r} has already ended ({job.record.state}).",
                 reason="JOB_FINISHED",
                 field="job_id",
             )
-        job.cancel.set()
         deadline = time.monotonic() + wait_seconds
         while job.record.state not in FINISHED and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return job.record
+
+    def _cancel_waiting(self, job: _Job) -> None:
+        if job.record.state == RUNNING and not job.record.spec["output_model_id"]:
+            self._release_model(job)
+        self._finish(job, CANCELLED, "")
+
+    def _release_model(self, job: _Job) -> None:
+        with contextlib.suppress(NotFound, FailedPrecondition):
+            self.registry.get(job.record.spec["model_id"]).release_job(job.record.job_id)
 
     def _finish(self, job: _Job, state: str, detail: str) -> None:
         job.record = replace(
@@ -290,6 +323,9 @@ class JobManager:
     def _run(self, job: _Job) -> None:
         spec = job.record.training
         resumed = job.record.state == RUNNING
+        if job.cancel.is_set():
+            self._finish(job, CANCELLED, "")
+            return
         try:
             resident = self.registry.get(spec.model_id)
         except (NotFound, FailedPrecondition) as exc:
@@ -313,14 +349,17 @@ class JobManager:
         store = self.registry.store
         job.record = replace(record, state=RUNNING, start_time=utc_now(), base_revision=base)
         self._save(job)
+        if resumed and self._already_committed(job, spec):
+            return
         detail = f"resumed from the checkpoint of epoch {self._checkpoint_epoch(job)}" if resumed else ""
         self.writer.append(job.events, "state_changed", {"state": RUNNING, "detail": detail})
         try:
             manifest = store.read_manifest(spec.model_id, base)
             values = {v.path: store.load_tensor(spec.model_id, v) for v in manifest.variables}
+            config_json = store.read_architecture(spec.model_id, base)
             outcome = training.run(
                 spec,
-                config_json=store.read_architecture(spec.model_id, base),
+                config_json=config_json,
                 values=values,
                 train_data=self.datasets.load(spec.train_dataset_id, "train"),
                 validation_data=self._validation(spec),
@@ -343,7 +382,7 @@ class JobManager:
             self._finish(job, FAILED, f"{type(exc).__name__}: {exc}"[:1000])
             return
         try:
-            model_id, revision = self._commit(job, spec, resident, base, outcome)
+            model_id, revision = self._commit(job, spec, resident, base, config_json, outcome)
         except Exception as exc:
             log.exception("job %s: committing the result failed", record.job_id)
             self._finish(job, FAILED, f"committing the result failed: {exc}"[:1000])
@@ -380,18 +419,46 @@ class JobManager:
             return self.datasets.load(spec.train_dataset_id, "validation")
         return None
 
+    def _already_committed(self, job: _Job, spec: job_spec.TrainingSpec) -> bool:
+        """A job killed between its commit and SUCCEEDED: finish it, don't train again."""
+        author = f"job:{job.record.job_id}"
+        model_id = spec.output_model_id or spec.model_id
+        store = self.registry.store
+        try:
+            numbers = store.revision_numbers(model_id)
+        except FileNotFoundError:
+            return False
+        for number in numbers:
+            if number > (0 if spec.output_model_id else job.record.base_revision):
+                record = store.read_revision(model_id, number)
+                if record.author == author:
+                    job.record = replace(job.record, result_model_id=model_id, result_revision=number)
+                    self.writer.append(
+                        job.events,
+                        "log",
+                        {"level": "INFO", "message": "result was committed before the restart"},
+                    )
+                    self._finish(job, SUCCEEDED, "")
+                    return True
+        return False
+
     def _commit(
-        self, job: _Job, spec: job_spec.TrainingSpec, resident: Any, base: int, outcome: training.Outcome
+        self,
+        job: _Job,
+        spec: job_spec.TrainingSpec,
+        resident: Any,
+        base: int,
+        config_json: str,
+        outcome: training.Outcome,
     ) -> tuple[str, int]:
         message = (
             f"job {job.record.job_id}: {outcome.epochs_completed} epoch(s), {outcome.steps_completed} steps"
         )
         author = f"job:{job.record.job_id}"
         if spec.output_model_id:
-            store = self.registry.store
             info = self.registry.create_from_values(
                 spec.output_model_id,
-                store.read_architecture(spec.model_id, base),
+                config_json,
                 outcome.values,
                 message=message,
                 author=author,

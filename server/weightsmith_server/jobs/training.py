@@ -28,6 +28,8 @@ from weightsmith_server.selectors import select
 from weightsmith_server.store import fsync_path, read_json, write_json
 from weightsmith_server.variables import model_variables
 
+_NON_FINITE = "the loss became NaN or infinite; lower the learning rate or check the data"
+
 
 class JobStopped(Exception):
     """Training stopped before the end: cancelled, or the server is shutting down."""
@@ -146,8 +148,27 @@ def working_model(config_json: str, values: dict[str, np.ndarray], spec: Trainin
 # --- input pipeline --------------------------------------------------------------
 
 
-def pipeline(data: Any, spec: TrainingSpec, *, training: bool, input_dtype: str, seed: int | None) -> Any:
-    """Batches of (inputs, labels): cast, resize, rescale, cache, shuffle, augment, prefetch."""
+# Datasets up to this size are cached in memory (as stored, before any cast).
+CACHE_BUDGET_BYTES = 1 << 30
+
+
+def _fits_cache(data: Any, count: int) -> bool:
+    import tensorflow as tf
+
+    features = data.element_spec[0]
+    if not isinstance(features, tf.TensorSpec) or not features.shape.is_fully_defined():
+        return False
+    return count * features.shape.num_elements() * features.dtype.size <= CACHE_BUDGET_BYTES
+
+
+def pipeline(
+    data: Any, spec: TrainingSpec, *, training: bool, input_dtype: str, seed: int | None, count: int = 0
+) -> Any:
+    """Batches of (inputs, labels): cache, cast, resize, rescale, shuffle, augment, prefetch.
+
+    The raw examples are cached in memory when they fit `CACHE_BUDGET_BYTES`
+    (before casting, so uint8 images stay uint8 there).
+    """
     import keras
     import tensorflow as tf
 
@@ -164,7 +185,9 @@ def pipeline(data: Any, spec: TrainingSpec, *, training: bool, input_dtype: str,
             x = layer(x)
         return x, y
 
-    data = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if count and _fits_cache(data, count):
+        data = data.cache()
+    data = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     if training and spec.shuffle:
         data = data.shuffle(16384, seed=seed, reshuffle_each_iteration=True)
     data = data.batch(spec.batch_size)
@@ -240,9 +263,11 @@ def _scalars(logs: dict[str, Any] | None) -> dict[str, float]:
 
 
 class _Events:
-    """A Keras callback that reports progress and honours stop requests.
+    """A Keras callback that reports progress and honours stop requests at once.
 
-    Reads the logs only on reporting steps, so a step costs no extra sync.
+    A stop request raises `JobStopped` out of `fit` at the next step (no
+    validation pass or epoch end for the partial epoch); a non-finite loss
+    raises `FloatingPointError` on the step that reports it.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -267,8 +292,6 @@ class _Events:
                 )
                 self.global_step = global_step
                 self.checkpoint = checkpoint
-                self.stopped = False
-                self.non_finite = False
                 self.epoch = 0
                 self.last_logs: dict[str, float] = {}
                 self._mark = (time.perf_counter(), global_step)
@@ -281,15 +304,13 @@ class _Events:
                 self.global_step += 1
                 step = batch + 1
                 if self.reporter.should_stop():
-                    self.stopped = True
-                    self.model.stop_training = True
+                    raise JobStopped()
                 if self.global_step % self.spec.progress_interval and step != self.steps_per_epoch:
                     return
                 scalars = _scalars(logs)
                 loss = scalars.pop("loss", float("nan"))
                 if not math.isfinite(loss):
-                    self.non_finite = True
-                    self.model.stop_training = True
+                    raise FloatingPointError(_NON_FINITE)
                 now = time.perf_counter()
                 then, steps_then = self._mark
                 rate = (self.global_step - steps_then) * self.spec.batch_size / max(now - then, 1e-9)
@@ -315,9 +336,7 @@ class _Events:
                 scalars = _scalars(logs)
                 self.last_logs = scalars
                 if not math.isfinite(scalars.get("loss", 0.0)):
-                    self.non_finite = True
-                    self.model.stop_training = True
-                    return
+                    raise FloatingPointError(_NON_FINITE)
                 self.reporter.emit(
                     "epoch_ended",
                     {
@@ -328,7 +347,7 @@ class _Events:
                         },
                     },
                 )
-                if not self.stopped and (epoch + 1) % self.spec.checkpoint_interval == 0:
+                if (epoch + 1) % self.spec.checkpoint_interval == 0:
                     self.checkpoint(epoch + 1, self.global_step)
 
         return Callback(*args, **kwargs)
@@ -357,8 +376,7 @@ def run(
     import keras
     import tensorflow as tf
 
-    if spec.seed is not None:
-        keras.utils.set_random_seed(spec.seed)
+    # Seeding happens in `architecture.rebuild`, under the build lock.
     strategy = tf.distribute.MirroredStrategy(list(gpus)) if len(gpus) > 1 else None
     placement = contextlib.nullcontext() if strategy is not None else tf.device(device)
     with placement, strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -370,15 +388,25 @@ def run(
         validation = None
         if validation_data is not None:
             validation = pipeline(
-                validation_data[0], spec, training=False, input_dtype=input_dtype, seed=None
+                validation_data[0],
+                spec,
+                training=False,
+                input_dtype=input_dtype,
+                seed=None,
+                count=validation_data[1],
             )
         elif spec.validation_split > 0:
             held_out = max(1, int(count * spec.validation_split))
             validation = pipeline(
-                data.skip(count - held_out), spec, training=False, input_dtype=input_dtype, seed=None
+                data.skip(count - held_out),
+                spec,
+                training=False,
+                input_dtype=input_dtype,
+                seed=None,
+                count=held_out,
             )
             data, count = data.take(count - held_out), count - held_out
-        train = pipeline(data, spec, training=True, input_dtype=input_dtype, seed=spec.seed)
+        train = pipeline(data, spec, training=True, input_dtype=input_dtype, seed=spec.seed, count=count)
         steps_per_epoch = math.ceil(count / spec.batch_size)
 
         checkpoints = job_dir / "checkpoint"
@@ -417,9 +445,5 @@ def run(
                 shuffle=False,  # the pipeline shuffles
                 verbose=0,
             )
-    if events.non_finite:
-        raise FloatingPointError("the loss became NaN or infinite; lower the learning rate or check the data")
-    if events.stopped:
-        raise JobStopped()
     trained = {entry.path: np.array(variable.numpy()) for entry, variable in model_variables(model)}
     return Outcome(trained, events.last_logs, events.epoch or initial_epoch, events.global_step)
