@@ -14,13 +14,20 @@ this process. Both sides train the same workload:
   in-process from the same JSON after `keras.utils.set_random_seed(0)` (the
   server's `rebuild` does the same). The in-process initial weights are
   checked bit-identical to the server's (`read_weights`) and assigned from
-  them regardless, so both sides start from exactly the same values;
+  them regardless, so both sides start from exactly the same values (the
+  final training losses printed below agree);
 - training: adam 1e-3, `sparse_categorical_crossentropy`, metrics
-  `accuracy`, batch size 64, `--epochs` (default 3) epochs, seed 0, input
-  pipeline `map(cast to float32, Rescaling(1/16)).cache().shuffle(16384,
-  seed=0, reshuffle_each_iteration=True).batch(64).prefetch(AUTOTUNE)` (the
-  in-process one is written to match the server's `training.pipeline`; the
-  job gets `preprocessing(rescale=1/16)`).
+  `accuracy`, batch size 64, `--epochs` (default 3) epochs, seed 0; the job
+  gets `preprocessing(rescale=1/16)`. Input pipeline: the server's
+  `training.pipeline` caches the raw examples (they fit its 1 GiB budget)
+  and casts + rescales after the cache, i.e. every epoch:
+  `cache().map(cast to float32, Rescaling(1/16)).shuffle(16384, seed=0,
+  reshuffle_each_iteration=True).batch(64).prefetch(AUTOTUNE)`. The
+  in-process pipeline is the same by default (`--inprocess-pipeline
+  cache-map`), so the ratio measures the job machinery, not a pipeline
+  choice; `--inprocess-pipeline map-cache` gives the baseline with the
+  cast + rescale done once and its results cached (`map(...).cache()`),
+  which is what the server's order costs against.
 
 A. The job (`jobs.spec(..., output_model_id="run-<round>")`, so the base
    model is never modified and every round trains from the same initial
@@ -30,15 +37,17 @@ A. The job (`jobs.spec(..., output_model_id="run-<round>")`, so the base
    `client.watch_job(job_id)` to the end, each on its own `Client`
    (connection), like separate dashboards; one of them is slow and sleeps
    `--slow-ms` (default 50) ms after every event. A round ends when every
-   watcher has ended. What the job does on the server: it emits RUNNING,
-   loads the base revision's values, rebuilds a working copy and compiles
-   it, builds the pipeline, then `model.fit` with its events callback (a
-   progress event every 10 steps, an epoch_ended event per epoch), a
-   TensorBoard callback (`update_freq="epoch"`) and an epoch checkpoint
-   (weights + optimizer state, fsync'd); afterwards it commits the result
-   as revision 1 of `run-<round>` and emits SUCCEEDED. Every event is
-   persisted (JSON line + fsync) by the server's event writer thread before
-   any watcher sees it; its `time` is taken there.
+   watcher has ended. (`--watchers 0` is a control without streams: the
+   client polls `get_job` every 20 ms and reads the events afterwards.)
+   What the job does on the server: it emits RUNNING, loads the base
+   revision's values, rebuilds a working copy and compiles it, builds the
+   pipeline, then `model.fit` with its events callback (a progress event
+   every 10 steps, an epoch_ended event per epoch), a TensorBoard callback
+   (`update_freq="epoch"`) and an epoch checkpoint (weights + optimizer
+   state, fsync'd); afterwards it commits the result as revision 1 of
+   `run-<round>` and emits SUCCEEDED. Every event is persisted (JSON line +
+   fsync) by the server's event writer thread before any watcher sees it;
+   its `time` is taken there.
 
 B. In-process: the model is built from the JSON, given the initial weights
    and compiled outside the timed region; the timed region is
@@ -46,8 +55,8 @@ B. In-process: the model is built from the JSON, given the initial weights
    job, the first epoch's filling of the cache and the tracing of the train
    function).
 
-Rows (samples/s = epochs * examples / seconds; ratio = job / in-process,
-per round, then the median and the spread min-max over rounds):
+Rows (samples/s = epochs * examples / seconds; ratio = job / in-process
+samples/s, per round, then the median and the spread min-max over rounds):
 
 1. "job, server timing": seconds from the job's RUNNING state_changed event
    to its last epoch_ended event, from the events' `time` fields. This
@@ -72,10 +81,19 @@ A warm-up round (`--warmup`, default 1) of each side, with one epoch, runs
 first and is not recorded. Order alternates between rounds (A then B, then
 B then A) so neither side always runs on a machine the other just warmed.
 The breakdown below the table gives medians of the job's phases from its
-event timestamps, how late events reached the fast watcher, and when the
-slow watcher finished. Results go to bench/results/finetune.json.
+event timestamps, epoch times of both sides, how late events reached the
+fast watcher, when the slow watcher finished, and CPU seconds per wall
+second of the server process (from /proc, during the job) and of this
+process (during `fit`). Results go to bench/results/finetune.json.
+
+Noise: on a 2-vCPU machine TensorFlow's default intra-op pool (2 threads)
+now and then runs a whole epoch at about half speed (CPU per wall second
+drops below 1), on either side, so single rounds swing widely; the median
+over rounds is the number to read. `--intra-op-threads 1` sets
+TF_NUM_INTRAOP_THREADS for both processes, which removes that mode here.
 
     python bench/finetune.py [--rounds 5] [--epochs 3] [--examples 20000] [--watchers 4] [--slow-ms 50]
+                             [--inprocess-pipeline {cache-map,map-cache}] [--intra-op-threads N]
 """
 
 from __future__ import annotations
@@ -142,11 +160,24 @@ def _kind(event: pb.JobEvent) -> str:
     return str(event.WhichOneof("kind"))
 
 
+def _server_cpu_s() -> float | None:
+    """CPU seconds (user + system) used so far by this process's children: the server; None off Linux."""
+    try:
+        ticks = 0
+        for task in Path("/proc/self/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
 # --- B: in-process -------------------------------------------------------------------------------
 
 
-def _pipeline(x: np.ndarray, y: np.ndarray) -> Any:
-    """As the server's `training.pipeline` for this spec: cast, rescale, cache, shuffle, batch, prefetch."""
+def _pipeline(x: np.ndarray, y: np.ndarray, order: str) -> Any:
+    """The input pipeline; `order` "cache-map" is the server's `training.pipeline` for this spec."""
     import keras
     import tensorflow as tf
 
@@ -156,12 +187,17 @@ def _pipeline(x: np.ndarray, y: np.ndarray) -> Any:
         return rescale(tf.cast(images, "float32")), labels
 
     data = tf.data.Dataset.from_tensor_slices((x, y))
-    data = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if order == "cache-map":  # raw examples cached, cast + rescale every epoch
+        data = data.cache().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    else:  # cast + rescale once, the results cached
+        data = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).cache()
     data = data.shuffle(SHUFFLE_BUFFER, seed=SEED, reshuffle_each_iteration=True)
     return data.batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
 
 
-def _in_process(config: str, initial: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, epochs: int) -> dict:
+def _in_process(
+    config: str, initial: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, epochs: int, order: str
+) -> dict:
     import keras
 
     class Clock(keras.callbacks.Callback):
@@ -171,11 +207,15 @@ def _in_process(config: str, initial: dict[str, np.ndarray], x: np.ndarray, y: n
             super().__init__()
             self.steps = 0
             self.marked = 0.0
+            self.epoch_ends: list[float] = []
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             self.steps += 1
             if self.steps == PROGRESS_EVERY_STEPS:
                 self.marked = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.epoch_ends.append(time.perf_counter())
 
     setup_started = time.perf_counter()
     keras.utils.set_random_seed(SEED)
@@ -185,15 +225,19 @@ def _in_process(config: str, initial: dict[str, np.ndarray], x: np.ndarray, y: n
             for weight in layer.weights:
                 weight.assign(initial[f"{layer.name}/{weight.name}"])
         model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=LOSS, metrics=METRICS)
-        data = _pipeline(x, y)
+        data = _pipeline(x, y, order)
         clock = Clock()
+        cpu = time.process_time()
         started = time.perf_counter()
         history = model.fit(data, epochs=epochs, callbacks=[clock], shuffle=False, verbose=0)
         ended = time.perf_counter()
+        cpu = time.process_time() - cpu
     return {
         "setup_s": started - setup_started,
         "fit_s": ended - started,
+        "cpu_per_wall": cpu / (ended - started),
         "to_step10_s": clock.marked - started,
+        "epoch_s": np.diff([started, *clock.epoch_ends]).tolist(),
         "steady_s": ended - clock.marked,
         "final_loss": float(history.history["loss"][-1]),
         "final_accuracy": float(history.history["accuracy"][-1]),
@@ -219,6 +263,7 @@ def _job(
     epochs: int,
 ) -> dict:
     seen: list[list] = [[] for _ in watchers]
+    server_cpu, client_cpu = _server_cpu_s(), time.process_time()
     started = time.perf_counter()
     job = client.create_job(spec)
     threads = [
@@ -236,6 +281,9 @@ def _job(
         events = [(0.0, ended, e) for e in client.list_job_events(job.job_id, page_size=1000).events]
     for thread in threads:
         thread.join()
+    server_cpu = None if server_cpu is None else (_server_cpu_s() or 0.0) - server_cpu
+    client_cpu = time.process_time() - client_cpu
+    joined = time.perf_counter()
     if watchers:
         events = seen[0]
         last = events[-1][2]
@@ -258,17 +306,25 @@ def _job(
     saved_at = {e.checkpoint_saved.epoch: _seconds(e.time) for e in by_kind.get("checkpoint_saved", [])}
     lags = [received - _seconds(e.time) for received, _, e in events] if watchers else []
     result = _seconds(by_kind["result"][0].time)
+    # revision 1's create_time is taken after the result's tensors are written and fsync'd, before the
+    # revision's own files, its fsyncs, the rename and making the model resident
+    staged = _seconds(client.get_revision(spec.output_model_id, 1).create_time)
     metrics = epochs_ended[-1].epoch_ended.train_metrics
     return {
         "job_id": job.job_id,
         "server_s": last_epoch - running,
         "end_to_end_s": ended - started,
+        "server_cpu_per_wall": None if server_cpu is None else server_cpu / (joined - started),
+        "client_cpu_s": client_cpu,
         "steady_s": last_epoch - first_progress,
+        "epoch_s": np.diff([running, *(ended_at[k] for k in sorted(ended_at))]).tolist(),
         "queued_to_running_s": running - queued,
         "running_to_step10_s": first_progress - running,
         "checkpoints_in_window_s": sum(saved_at[k] - ended_at[k] for k in saved_at if k < epochs),
         "last_checkpoint_s": saved_at.get(epochs, last_epoch) - last_epoch,
         "commit_s": result - saved_at.get(epochs, last_epoch),
+        "commit_rebuild_and_tensors_s": staged - saved_at.get(epochs, last_epoch),
+        "commit_revision_files_s": result - staged,
         "result_to_succeeded_s": states[pb.JOB_STATE_SUCCEEDED] - result,
         "event_lag_median_ms": statistics.median(lags) * 1e3 if lags else None,
         "event_lag_max_ms": max(lags) * 1e3 if lags else None,
@@ -295,10 +351,24 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=20000)
     parser.add_argument("--watchers", type=int, default=4)
     parser.add_argument("--slow-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--inprocess-pipeline",
+        choices=("cache-map", "map-cache"),
+        default="cache-map",
+        help="in-process tf.data order: cache-map as the server (default), or map-cache",
+    )
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="TF_NUM_INTRAOP_THREADS for both the server and this process; 0 leaves TensorFlow's default",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "finetune.json")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before this process imports TensorFlow
+    if args.intra_op_threads:  # the server inherits this process's environment
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.intra_op_threads)
     began = time.perf_counter()
     with weightsmith_server() as (address, _):
         rows = _measure(address, args)
@@ -340,7 +410,7 @@ def _measure(address: str, args: argparse.Namespace) -> dict:
 
         slow_s = args.slow_ms / 1e3
         for index in range(args.warmup):
-            _in_process(config, initial, x, y, 1)
+            _in_process(config, initial, x, y, 1, args.inprocess_pipeline)
             _job(client, watchers, slow_s, spec(f"warmup-{index}", 1), args.examples, 1)
         job_rounds: list[dict] = []
         local_rounds: list[dict] = []
@@ -351,7 +421,9 @@ def _measure(address: str, args: argparse.Namespace) -> dict:
                     job_spec = spec(f"run-{index}", args.epochs)
                     job_rounds.append(_job(client, watchers, slow_s, job_spec, args.examples, args.epochs))
                 else:
-                    local_rounds.append(_in_process(config, initial, x, y, args.epochs))
+                    local_rounds.append(
+                        _in_process(config, initial, x, y, args.epochs, args.inprocess_pipeline)
+                    )
             print(
                 f"round {index + 1}/{args.rounds}: job {job_rounds[-1]['server_s']:.2f} s "
                 f"(end to end {job_rounds[-1]['end_to_end_s']:.2f} s), "
@@ -366,6 +438,9 @@ def _measure(address: str, args: argparse.Namespace) -> dict:
 
 def _report(rows: dict, args: argparse.Namespace) -> None:
     job_rounds, local_rounds = rows["job"], rows["local"]
+    for each in (*job_rounds, *local_rounds):
+        each["first_epoch_s"] = each["epoch_s"][0]
+        each["later_epoch_s"] = statistics.median(each["epoch_s"][1:]) if len(each["epoch_s"]) > 1 else None
     samples = args.epochs * args.examples
     steady_samples = samples - PROGRESS_EVERY_STEPS * BATCH_SIZE
     steps = args.epochs * math.ceil(args.examples / BATCH_SIZE)
@@ -380,6 +455,8 @@ def _report(rows: dict, args: argparse.Namespace) -> None:
             "progress_every_steps": PROGRESS_EVERY_STEPS,
             "watchers": args.watchers,
             "slow_watcher_sleep_ms": args.slow_ms,
+            "intra_op_threads": args.intra_op_threads or "TensorFlow default",
+            "inprocess_pipeline": args.inprocess_pipeline,
         },
         "rounds": args.rounds,
         "warmup": args.warmup,
@@ -388,13 +465,14 @@ def _report(rows: dict, args: argparse.Namespace) -> None:
         "job_rounds": job_rounds,
         "inprocess_rounds": local_rounds,
         "rows": {},
-        "breakdown_median": {},
+        "breakdown": {},
     }
     print(
         f"\nFine-tuning job ({args.watchers} watchers, one sleeping {args.slow_ms:.0f} ms/event) vs "
         f"in-process model.fit, loopback, CPU; {args.examples} examples x {args.epochs} epochs, "
         f"batch {BATCH_SIZE} ({steps} steps); {args.rounds} alternating rounds after "
-        f"{args.warmup} warm-up\n"
+        f"{args.warmup} warm-up; in-process pipeline {args.inprocess_pipeline}; intra-op threads: "
+        f"{args.intra_op_threads or 'TensorFlow default'}\n"
     )
     print(
         f"{'row':<36} {'in-process samples/s':>20} {'job samples/s':>14} {'ratio (median)':>15} "
@@ -419,21 +497,35 @@ def _report(rows: dict, args: argparse.Namespace) -> None:
             f"{row:<36} {local_rate:>20.0f} {job_rate:>14.0f} {median:>15.3f} "
             f"{min(ratios):>6.3f}-{max(ratios):<6.3f}"
         )
-    print("\nbreakdown (median over rounds)")
+    print("\nbreakdown: median over rounds (min-max)")
     breakdown = [
         ("job: queued -> RUNNING", "queued_to_running_s", "s", job_rounds),
         ("job: RUNNING -> step 10 (setup + tracing + 10 steps)", "running_to_step10_s", "s", job_rounds),
         ("in-process: fit start -> step 10 (tracing + 10 steps)", "to_step10_s", "s", local_rounds),
         ("in-process: build + weights + compile (untimed)", "setup_s", "s", local_rounds),
+        ("job: epoch 1 (from RUNNING: setup, cache fill, tracing)", "first_epoch_s", "s", job_rounds),
+        ("in-process: epoch 1 (from fit start: cache fill, tracing)", "first_epoch_s", "s", local_rounds),
+        ("job: later epochs (median within a round)", "later_epoch_s", "s", job_rounds),
+        ("in-process: later epochs (median within a round)", "later_epoch_s", "s", local_rounds),
         ("job: checkpoints inside the server window", "checkpoints_in_window_s", "s", job_rounds),
         ("job: last epoch_ended -> its checkpoint_saved", "last_checkpoint_s", "s", job_rounds),
         ("job: checkpoint_saved -> result (commit)", "commit_s", "s", job_rounds),
+        ("  of which: rebuild + write/fsync the tensors", "commit_rebuild_and_tensors_s", "s", job_rounds),
+        ("  of which: revision files, fsyncs, rename, resident", "commit_revision_files_s", "s", job_rounds),
         ("job: result -> SUCCEEDED", "result_to_succeeded_s", "s", job_rounds),
         ("job: event time -> fast watcher receives it, median", "event_lag_median_ms", "ms", job_rounds),
         ("job: event time -> fast watcher receives it, max", "event_lag_max_ms", "ms", job_rounds),
         ("job: slow watcher done after the fast one", "slow_watcher_done_after_s", "s", job_rounds),
         ("job: events per job", "events", "", job_rounds),
-        ("job: samples/s the server reports (progress events)", "server_reported_samples_per_second_median", "", job_rounds),
+        ("job: server CPU s per wall s (create -> all watchers done)", "server_cpu_per_wall", "", job_rounds),
+        ("in-process: CPU s per wall s during fit", "cpu_per_wall", "", local_rounds),
+        ("job: this process's CPU during the job (watchers)", "client_cpu_s", "s", job_rounds),
+        (
+            "job: samples/s the server reports (progress events)",
+            "server_reported_samples_per_second_median",
+            "",
+            job_rounds,
+        ),
         ("job: final training loss", "final_loss", "", job_rounds),
         ("in-process: final training loss", "final_loss", "", local_rounds),
         ("job: final training accuracy", "final_accuracy", "", job_rounds),
@@ -445,8 +537,8 @@ def _report(rows: dict, args: argparse.Namespace) -> None:
             continue
         value = statistics.median(values)
         side = "job" if source is job_rounds else "inprocess"
-        result["breakdown_median"][f"{side}.{key}"] = value
-        print(f"  {label:<58} {value:>10.4g} {unit}")
+        result["breakdown"][f"{side}.{key}"] = {"median": value, "min": min(values), "max": max(values)}
+        print(f"  {label:<58} {value:>10.4g} {unit:<2} ({min(values):.4g}-{max(values):.4g})")
     print(
         f"\ninitial weights: the seeded in-process build is "
         f"{'bit-identical to' if rows['seeded_weights_identical'] else 'DIFFERENT from'} the server's "

@@ -152,13 +152,14 @@ def working_model(config_json: str, values: dict[str, np.ndarray], spec: Trainin
 CACHE_BUDGET_BYTES = 1 << 30
 
 
-def _fits_cache(data: Any, count: int) -> bool:
+def _cached_bytes(data: Any, count: int) -> int | None:
+    """Bytes `data` would take cached in memory, or None when its shape is not static."""
     import tensorflow as tf
 
     features = data.element_spec[0]
     if not isinstance(features, tf.TensorSpec) or not features.shape.is_fully_defined():
-        return False
-    return count * features.shape.num_elements() * features.dtype.size <= CACHE_BUDGET_BYTES
+        return None
+    return count * features.shape.num_elements() * features.dtype.size
 
 
 def pipeline(
@@ -166,8 +167,9 @@ def pipeline(
 ) -> Any:
     """Batches of (inputs, labels): cache, cast, resize, rescale, shuffle, augment, prefetch.
 
-    The raw examples are cached in memory when they fit `CACHE_BUDGET_BYTES`
-    (before casting, so uint8 images stay uint8 there).
+    Examples are cached in memory after the cast and resize when those fit
+    `CACHE_BUDGET_BYTES` (then no epoch repeats that work), else as stored
+    when those fit (uint8 images stay uint8), else not at all.
     """
     import keras
     import tensorflow as tf
@@ -185,9 +187,15 @@ def pipeline(
             x = layer(x)
         return x, y
 
-    if count and _fits_cache(data, count):
-        data = data.cache()
-    data = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    prepared = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    prepared_bytes = _cached_bytes(prepared, count)
+    raw_bytes = _cached_bytes(data, count)
+    if count and prepared_bytes is not None and prepared_bytes <= CACHE_BUDGET_BYTES:
+        data = prepared.cache()
+    elif count and raw_bytes is not None and raw_bytes <= CACHE_BUDGET_BYTES:
+        data = data.cache().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        data = prepared
     if training and spec.shuffle:
         data = data.shuffle(16384, seed=seed, reshuffle_each_iteration=True)
     data = data.batch(spec.batch_size)
