@@ -40,10 +40,11 @@ lint: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-## bench: weight transfer vs raw gRPC streams; edit latency vs in-process numpy/TF
+## bench: weight transfer vs raw gRPC; edit latency vs in-process; fine-tuning job vs model.fit
 bench: $(STAMP)
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/edits.py
+	$(BIN)/python bench/finetune.py
 
 ## demo: run the quickstart example against a server started for the purpose
 demo: $(STAMP)

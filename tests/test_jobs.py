@@ -370,3 +370,19 @@ def test_restart_resumes_a_running_job_from_its_checkpoint(tmp_path: Path) -> No
     finally:
         second.process.send_signal(signal.SIGTERM)
         second.process.wait(60)
+
+
+def test_a_diverging_job_fails_and_leaves_the_model_untouched(client, digits_model) -> None:
+    model_id, dataset_id = digits_model
+    before = client.read_weights(model_id)
+    job = client.create_job(
+        _spec(model_id, dataset_id, epochs=3, optimizer=jobs.sgd(1e12), progress_every_steps=1)
+    )
+    done = client.wait_job(job.job_id, timeout=120)
+    assert done.state == pb.JOB_STATE_FAILED
+    assert "NaN" in done.error
+    assert client.get_model(model_id).revision == 1
+    after = client.read_weights(model_id)
+    assert all(after[k].tobytes() == v.tobytes() for k, v in before.items())
+    events = list(client.watch_job(job.job_id))
+    assert events[-1].state_changed.state == pb.JOB_STATE_FAILED
