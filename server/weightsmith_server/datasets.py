@@ -78,7 +78,7 @@ from weightsmith_server.errors import (
 )
 from weightsmith_server.naming import new_id, validate_id
 from weightsmith_server.numerics import all_finite
-from weightsmith_server.registry import TensorSpecInfo, _decode_token, _encode_token, utc_now
+from weightsmith_server.registry import TensorSpecInfo, decode_page_token, encode_page_token, utc_now
 from weightsmith_server.registry import page_size as _page_size
 from weightsmith_server.store import fsync_path, read_json, write_json
 
@@ -260,11 +260,11 @@ class DatasetStore:
     def list(self, page_size: int, page_token: str) -> tuple[list[DatasetInfo], str]:
         """One page of datasets ordered by id, and the token of the next page ("" at the end)."""
         size = _page_size(page_size)
-        after = _decode_token(page_token) if page_token else ""
+        after = decode_page_token(page_token) if page_token else ""
         datasets = dict(self._datasets)
         ids = [k for k in sorted(datasets) if k > after]
         page = ids[:size]
-        next_token = _encode_token(page[-1]) if len(ids) > size else ""
+        next_token = encode_page_token(page[-1]) if len(ids) > size else ""
         return [datasets[k].info for k in page], next_token
 
     # --- creation ------------------------------------------------------------

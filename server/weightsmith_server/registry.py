@@ -361,11 +361,23 @@ def check_expected_revision(resident: ResidentModel, expected: int | None, field
         )
 
 
-def _encode_token(value: str) -> str:
+def require_revision_number(value: int, field: str) -> None:
+    """INVALID_ARGUMENT unless `value` can be a revision number (from 1)."""
+    if value < 1:
+        raise InvalidArgument(
+            f"Received {field}={value}, expected a revision number of at least 1.",
+            reason="INVALID_REVISION",
+            field=field,
+        )
+
+
+def encode_page_token(value: str) -> str:
+    """An opaque page token for the last item of a page."""
     return base64.urlsafe_b64encode(value.encode()).decode()
 
 
-def _decode_token(token: str, field: str = "page_token") -> str:
+def decode_page_token(token: str, field: str = "page_token") -> str:
+    """The item a page token stands for; INVALID_ARGUMENT for a token we did not make."""
     try:
         return base64.urlsafe_b64decode(token.encode()).decode()
     except (ValueError, UnicodeDecodeError) as exc:
@@ -374,6 +386,18 @@ def _decode_token(token: str, field: str = "page_token") -> str:
             reason="INVALID_PAGE_TOKEN",
             field=field,
         ) from exc
+
+
+def decode_number_token(token: str) -> int:
+    """A page token that stands for a number (a revision, a sequence number)."""
+    value = decode_page_token(token)
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidArgument(
+            "Received an invalid page token; pass `next_page_token` from the previous page.",
+            reason="INVALID_PAGE_TOKEN",
+            field="page_token",
+        )
+    return int(value)
 
 
 def page_size(value: int) -> int:
@@ -457,10 +481,10 @@ class Registry:
     def list_models(self, size: int, token: str) -> tuple[list[ModelInfo], str]:
         self._require_ready()
         size = page_size(size)
-        after = _decode_token(token) if token else ""
+        after = decode_page_token(token) if token else ""
         ids = [k for k in sorted(self._models) if k > after]
         page = ids[:size]
-        next_token = _encode_token(page[-1]) if len(ids) > size else ""
+        next_token = encode_page_token(page[-1]) if len(ids) > size else ""
         return [self._models[k].describe() for k in page], next_token
 
     # --- start-up ------------------------------------------------------------
@@ -882,25 +906,14 @@ class Registry:
         size = page_size(size)
         numbers = sorted(self.store.revision_numbers(model_id), reverse=True)
         if token:
-            before = _decode_token(token)
-            if not (before.isascii() and before.isdigit()):
-                raise InvalidArgument(
-                    "Received an invalid page token; pass `next_page_token` from the previous page.",
-                    reason="INVALID_PAGE_TOKEN",
-                    field="page_token",
-                )
-            numbers = [n for n in numbers if n < int(before)]
+            before = decode_number_token(token)
+            numbers = [n for n in numbers if n < before]
         page = numbers[:size]
-        next_token = _encode_token(str(page[-1])) if len(numbers) > size else ""
+        next_token = encode_page_token(str(page[-1])) if len(numbers) > size else ""
         return [self.store.read_revision(model_id, n) for n in page], next_token
 
     def get_revision(self, model_id: str, revision: int) -> RevisionRecord:
         resident = self.get(model_id)
-        if revision < 1:
-            raise InvalidArgument(
-                f"Received revision={revision}, expected a revision number of at least 1.",
-                reason="INVALID_REVISION",
-                field="revision",
-            )
+        require_revision_number(revision, "revision")
         number, _ = self.revision_state(resident, revision)
         return self.store.read_revision(model_id, number)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from weightsmith_server import architecture
-from weightsmith_server.errors import InvalidArgument, NotFound
-from weightsmith_server.registry import ModelState, Prepared, Registry, utc_now
+from weightsmith_server.errors import NotFound
+from weightsmith_server.registry import ModelState, Prepared, Registry, require_revision_number, utc_now
 from weightsmith_server.store import RevisionRecord
 
 
@@ -36,19 +36,10 @@ class RevisionDiff:
     architecture_changed: bool = False
 
 
-def _require_revision_number(value: int, field: str) -> None:
-    if value < 1:
-        raise InvalidArgument(
-            f"Received {field}={value}, expected a revision number of at least 1.",
-            reason="INVALID_REVISION",
-            field=field,
-        )
-
-
 async def diff(registry: Registry, model_id: str, from_revision: int, to_revision: int) -> RevisionDiff:
     """Per variable: L2 and max |delta|, fraction changed; added and removed paths."""
     resident = registry.get(model_id)
-    _require_revision_number(from_revision, "from_revision")
+    require_revision_number(from_revision, "from_revision")
     first, old = registry.revision_state(resident, from_revision, field="from_revision")
     second, new = registry.revision_state(resident, to_revision, field="to_revision")
     store = registry.store
@@ -116,7 +107,7 @@ async def revert(
     Its manifest points at the target's files, so a revert stores no tensor.
     """
     resident = registry.get(model_id)
-    _require_revision_number(to_revision, "to_revision")
+    require_revision_number(to_revision, "to_revision")
     store = registry.store
 
     def prepare(state: ModelState, number: int) -> Prepared:

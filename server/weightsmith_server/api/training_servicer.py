@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,7 +13,6 @@ from weightsmith_server.api.convert import upload_chunks
 from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.jobs.manager import JobManager
-from weightsmith_server.registry import page_size
 
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
@@ -102,17 +100,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     async def ListJobEvents(
         self, request: pb.ListJobEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListJobEventsResponse:
-        after = request.after_sequence
-        if request.page_token:
-            try:
-                after = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
-            except ValueError as exc:
-                raise InvalidArgument(
-                    "Received an invalid page token.", reason="INVALID_PAGE_TOKEN", field="page_token"
-                ) from exc
-        size = page_size(request.page_size)
-        events = self._jobs.events(request.job_id, after, size)
-        last = events[-1]["sequence"] if events else after
-        more = len(events) == size or self._jobs.get(request.job_id).state in ("queued", "running")
-        token = base64.urlsafe_b64encode(str(last).encode()).decode() if more else ""
+        events, token = self._jobs.events_page(
+            request.job_id, request.after_sequence, request.page_size, request.page_token
+        )
         return pb.ListJobEventsResponse(events=[convert.event(e) for e in events], next_page_token=token)

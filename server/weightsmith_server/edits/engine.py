@@ -48,10 +48,6 @@ def _stage(ctx: EditContext, staged: StagedRevision) -> Manifest:
     )
 
 
-def _no_edits() -> InvalidArgument:
-    return InvalidArgument("Received no edits; send at least one.", reason="NO_EDITS", field="edits")
-
-
 async def apply_edits(
     registry: Registry,
     model_id: str,
@@ -69,7 +65,7 @@ async def apply_edits(
     """
     resident = registry.get(model_id)
     if not ops:
-        raise _no_edits()
+        raise InvalidArgument("Received no edits; send at least one.", reason="NO_EDITS", field="edits")
 
     def run() -> tuple[RevisionRecord | None, list[EditReport]]:
         if dry_run:

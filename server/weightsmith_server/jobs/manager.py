@@ -18,7 +18,6 @@ committed revision throughout.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -39,7 +38,16 @@ from weightsmith_server.jobs import spec as job_spec
 from weightsmith_server.jobs import training
 from weightsmith_server.jobs.events import EventLog, EventWriter
 from weightsmith_server.naming import new_id, validate_id
-from weightsmith_server.registry import ModelState, Prepared, Registry, page_size, utc_now
+from weightsmith_server.registry import (
+    ModelState,
+    Prepared,
+    Registry,
+    decode_number_token,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+    utc_now,
+)
 from weightsmith_server.store import Manifest, RevisionRecord, fsync_path, read_json, write_json
 from weightsmith_server.zerocopy import snapshot
 
@@ -185,16 +193,11 @@ class JobManager:
         keys = [f"{j.record.create_time}|{j.record.job_id}" for j in ordered]
         start = 0
         if token:
-            try:
-                after = base64.urlsafe_b64decode(token.encode()).decode()
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InvalidArgument(
-                    "Received an invalid page token.", reason="INVALID_PAGE_TOKEN", field="page_token"
-                ) from exc
+            after = decode_page_token(token)
             start = next((i + 1 for i, key in enumerate(keys) if key == after), len(keys))
         page = ordered[start : start + size]
         more = start + size < len(ordered)
-        next_token = base64.urlsafe_b64encode(keys[start + size - 1].encode()).decode() if more else ""
+        next_token = encode_page_token(keys[start + size - 1]) if more else ""
         return [j.record for j in page], next_token
 
     def dataset_users(self, dataset_id: str) -> list[str]:
@@ -206,8 +209,20 @@ class JobManager:
             and dataset_id in (j.record.spec["train_dataset_id"], j.record.spec["validation_dataset_id"])
         ]
 
-    def events(self, job_id: str, after: int, limit: int) -> list[dict[str, Any]]:
-        return self._job(job_id).events.events_after(after, limit)
+    def events_page(self, job_id: str, after: int, size: int, token: str) -> tuple[list[dict[str, Any]], str]:
+        """One page of events after `after` (or the token's position), and the next token.
+
+        The token is not empty while the job can still add events, so a
+        poller keeps it and asks again.
+        """
+        job = self._job(job_id)
+        if token:
+            after = decode_number_token(token)
+        size = page_size(size)
+        events = job.events.events_after(after, size)
+        last = events[-1]["sequence"] if events else after
+        more = len(events) == size or job.record.state in (QUEUED, RUNNING)
+        return events, encode_page_token(str(last)) if more else ""
 
     async def watch(self, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
         job = self._job(job_id)
