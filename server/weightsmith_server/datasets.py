@@ -69,6 +69,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from weightsmith_server.clock import utc_now
 from weightsmith_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -78,9 +79,10 @@ from weightsmith_server.errors import (
 )
 from weightsmith_server.naming import new_id, validate_id
 from weightsmith_server.numerics import all_finite
-from weightsmith_server.registry import TensorSpecInfo, decode_page_token, encode_page_token, utc_now
-from weightsmith_server.registry import page_size as _page_size
+from weightsmith_server.paging import decode_page_token, encode_page_token
+from weightsmith_server.paging import page_size as _page_size
 from weightsmith_server.store import fsync_path, read_json, write_json
+from weightsmith_server.tensor_spec import TensorSpecInfo
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -47,6 +47,7 @@ from weightsmith_server.store import (
     Store,
     VariableRecord,
 )
+from weightsmith_server.tensor_spec import TensorSpecInfo
 from weightsmith_server.variables import model_variables
 from weightsmith_server.zerocopy import adopt, snapshot
 
@@ -64,15 +65,6 @@ MAX_PAGE_SIZE = 1000
 def utc_now() -> str:
     """The current time as an RFC 3339 string, as stored in the JSON files."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class TensorSpecInfo:
-    """A model input or output: name, dtype name and shape (-1 for any size)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
