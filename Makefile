@@ -22,19 +22,20 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/weightsmith-server --address $(ADDRESS) --store $(STORE) --metrics-address 127.0.0.1:9464
 
-## test: lint, contract checks and the whole test suite (GPU tests skip without a GPU)
-test: $(STAMP)
-	$(BIN)/ruff check .
-	cd protos && ../$(BIN)/buf lint
+## test: lint, contract checks (buf lint, buf breaking against HEAD~1) and the test suite (GPU tests skip without a GPU)
+test: lint
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 ## test-gpu: only the tests that need a visible GPU
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu -q
 
+## lint: ruff, buf lint, buf breaking against HEAD~1, and the generated sync client up to date
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	cd protos && ../$(BIN)/buf lint
+	$(BIN)/python scripts/check_breaking.py
+	$(BIN)/python scripts/unasync.py --check
 
 ## protos: regenerate the stubs and .pyi files in client/weightsmith/v1
 protos: $(STAMP)

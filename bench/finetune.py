@@ -112,7 +112,7 @@ from harness import weightsmith_server
 
 import weightsmith
 from weightsmith import jobs
-from weightsmith.v1 import training_service_pb2 as pb
+from weightsmith.v1 import job_pb2
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -155,7 +155,7 @@ def _seconds(timestamp: Any) -> float:
     return timestamp.seconds + timestamp.nanos * 1e-9
 
 
-def _kind(event: pb.JobEvent) -> str:
+def _kind(event: job_pb2.JobEvent) -> str:
     return str(event.WhichOneof("kind"))
 
 
@@ -257,7 +257,7 @@ def _job(
     client: weightsmith.Client,
     watchers: list[weightsmith.Client],
     slow_s: float,
-    spec: pb.JobSpec,
+    spec: job_pb2.JobSpec,
     examples: int,
     epochs: int,
 ) -> dict:
@@ -274,7 +274,7 @@ def _job(
     for thread in threads:
         thread.start()
     if not watchers:  # a control without streams: poll, then read the events
-        while client.get_job(job.job_id).state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED):
+        while client.get_job(job.job_id).state not in (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED):
             time.sleep(0.02)
         ended = time.perf_counter()
         events = [(0.0, ended, e) for e in client.list_job_events(job.job_id, page_size=1000).events]
@@ -286,16 +286,16 @@ def _job(
     if watchers:
         events = seen[0]
         last = events[-1][2]
-        if _kind(last) != "state_changed" or last.state_changed.state != pb.JOB_STATE_SUCCEEDED:
+        if _kind(last) != "state_changed" or last.state_changed.state != job_pb2.JOB_STATE_SUCCEEDED:
             raise SystemExit(f"job {job.job_id} did not succeed: {client.get_job(job.job_id).error}")
         ended = events[-1][1]
         for other in seen[1:]:
             assert [e.sequence for _, _, e in other] == [e.sequence for _, _, e in events], "watchers differ"
-    by_kind: dict[str, list[pb.JobEvent]] = {}
+    by_kind: dict[str, list[job_pb2.JobEvent]] = {}
     for _, _, event in events:
         by_kind.setdefault(_kind(event), []).append(event)
     states = {e.state_changed.state: _seconds(e.time) for e in by_kind["state_changed"]}
-    running, queued = states[pb.JOB_STATE_RUNNING], states[pb.JOB_STATE_QUEUED]
+    running, queued = states[job_pb2.JOB_STATE_RUNNING], states[job_pb2.JOB_STATE_QUEUED]
     progress, epochs_ended = by_kind["progress"], by_kind["epoch_ended"]
     if len(epochs_ended) != epochs:
         raise SystemExit(f"job {job.job_id}: {len(epochs_ended)} epoch_ended events, expected {epochs}")
@@ -324,7 +324,7 @@ def _job(
         "commit_s": result - saved_at.get(epochs, last_epoch),
         "commit_rebuild_and_tensors_s": staged - saved_at.get(epochs, last_epoch),
         "commit_revision_files_s": result - staged,
-        "result_to_succeeded_s": states[pb.JOB_STATE_SUCCEEDED] - result,
+        "result_to_succeeded_s": states[job_pb2.JOB_STATE_SUCCEEDED] - result,
         "event_lag_median_ms": statistics.median(lags) * 1e3 if lags else None,
         "event_lag_max_ms": max(lags) * 1e3 if lags else None,
         "slow_watcher_done_after_s": (seen[-1][-1][1] - ended) if len(watchers) > 1 else None,
@@ -392,7 +392,7 @@ def _measure(address: str, args: argparse.Namespace) -> dict:
         assert local.keys() == initial.keys(), (sorted(local), sorted(initial))
         same_seed = all(local[k].tobytes() == initial[k].tobytes() for k in initial)
 
-        def spec(output: str, epochs: int) -> pb.JobSpec:
+        def spec(output: str, epochs: int) -> job_pb2.JobSpec:
             return jobs.spec(
                 "digits-cnn",
                 "digits",

@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 import weightsmith
 from tests.conftest import ServerHandle, tiny_cnn_config, tiny_config
 from weightsmith import edits
-from weightsmith.v1 import edits_pb2, selector_pb2, weight_service_pb2
+from weightsmith.v1 import edits_pb2, revision_pb2, selector_pb2, weight_service_pb2
 
 ALL = weightsmith.Selector()
 
@@ -383,7 +383,7 @@ def test_revert_after_mixed_edits_is_bit_exact(client, cnn: str) -> None:
     ]
     revision = client.revert_model(cnn, 1, expected_revision=21, message="back to the start")
     assert revision.revision == 22 and revision.reverted_to == 1
-    assert revision.kind == weight_service_pb2.REVISION_KIND_REVERT
+    assert revision.kind == revision_pb2.REVISION_KIND_REVERT
     assert revision.stored_bytes == 0
     reverted = client.get_model(cnn)
     assert [(layer.name, layer.class_name, layer.trainable) for layer in reverted.layers] == [
@@ -575,7 +575,7 @@ BAD_EDITS = [
         "assign wrong shape",
         edits_pb2.Edit(
             assign=edits_pb2.AssignOp(
-                variable="head/bias", value=weightsmith._wire.tensor_to_proto(np.zeros(3, np.float32))
+                variable="head/bias", value=weightsmith.wire.tensor_to_proto(np.zeros(3, np.float32))
             )
         ),
         "edits[1].assign.value.shape",

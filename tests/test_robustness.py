@@ -14,20 +14,20 @@ import pytest
 
 import weightsmith
 from tests.conftest import ServerHandle, _start_in_thread, _stop_in_thread, tiny_config
-from weightsmith import _wire
+from weightsmith import wire
 from weightsmith.v1 import weight_service_pb2
-from weightsmith_server.registry import ResidentModel
+from weightsmith_server.models.resident import ResidentModel
 from weightsmith_server.weights import WeightWrite
 
 WRITE_METHOD = "/weightsmith.v1.WeightService/WriteWeights"
 
 
 def _write_session(server: ServerHandle, model_id: str, bias: np.ndarray) -> WeightWrite:
-    registry = server.running.registry  # type: ignore[attr-defined]
+    host = server.running.host  # type: ignore[attr-defined]
     write = WeightWrite(
-        registry, model_id, expected_revision=None, message="direct", allow_non_finite=False, author="tests"
+        host, model_id, expected_revision=None, message="direct", allow_non_finite=False, author="tests"
     )
-    for name, dtype, shape, offset, data in _wire.iter_tensor_chunks("logits/bias", bias, 1 << 20):
+    for name, dtype, shape, offset, data in wire.iter_tensor_chunks("logits/bias", bias, 1 << 20):
         write.add(name, dtype, shape, offset, data)
     return write
 
@@ -101,11 +101,11 @@ def _header(model_id: str) -> bytes:
     "crafted",
     [
         # A 4 million-dimension shape, packed: parsing it must not stall the server.
-        b"\x12" + _wire._varint(4_000_008) + b"\x1a" + _wire._varint(4_000_000) + b"\x01" * 4_000_000,
+        b"\x12" + wire._varint(4_000_008) + b"\x1a" + wire._varint(4_000_000) + b"\x01" * 4_000_000,
         # Tens of thousands of tiny unknown fields.
-        b"\x12" + _wire._varint(60_000) + b"\x30\x01" * 30_000,
+        b"\x12" + wire._varint(60_000) + b"\x30\x01" * 30_000,
         # A name far longer than any variable path.
-        b"\x12" + _wire._varint(5003) + b"\x0a" + _wire._varint(5000) + b"a" * 5000,
+        b"\x12" + wire._varint(5003) + b"\x0a" + wire._varint(5000) + b"a" * 5000,
     ],
     ids=["huge-rank", "field-flood", "long-name"],
 )
@@ -137,8 +137,8 @@ def test_delete_during_a_write(client, server: ServerHandle, model_id: str) -> N
         yield _header(model_id)
         started.set()
         release.wait(30)
-        for name, dtype, shape, offset, data in _wire.iter_tensor_chunks("logits/bias", bias, 1 << 20):
-            yield _wire.encode_chunk(2, name, dtype, shape, offset, data)
+        for name, dtype, shape, offset, data in wire.iter_tensor_chunks("logits/bias", bias, 1 << 20):
+            yield wire.encode_chunk(2, name, dtype, shape, offset, data)
 
     outcome: dict[str, object] = {}
 

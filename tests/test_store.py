@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weightsmith_server.store import Manifest, ModelRecord, RevisionRecord, Store
+from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
+from weightsmith_server.store import Manifest, ModelRecord, Store
 from weightsmith_server.variables import VariableEntry
 
 ENTRY_A = VariableEntry("a/kernel", "a", 0, True)
@@ -15,19 +16,16 @@ ENTRY_B = VariableEntry("b/bias", "b", 1, False)
 
 
 def _revision(model_id: str, number: int, changed: list[str]) -> RevisionRecord:
-    return RevisionRecord(
-        model_id=model_id,
-        revision=number,
-        create_time="2026-01-01T00:00:00.000000Z",
+    draft = RevisionDraft(
+        kind=RevisionKind.CREATE if number == 1 else RevisionKind.WRITE_WEIGHTS,
         author="tests",
         message=f"r{number}",
-        kind="create" if number == 1 else "write_weights",
         summary="",
+        changed_variables=changed,
         architecture_changed=number == 1,
         architecture_revision=1,
-        stored_bytes=0,
-        changed_variables=changed,
     )
+    return draft.record(model_id, number, None, 0)
 
 
 def _create(store: Store, model_id: str, a: np.ndarray, b: np.ndarray) -> None:

@@ -12,8 +12,8 @@ import pytest
 
 import weightsmith
 from tests.conftest import ServerHandle, tiny_cnn_config, tiny_config
-from weightsmith import _wire
-from weightsmith.v1 import weight_service_pb2
+from weightsmith import wire
+from weightsmith.v1 import revision_pb2, weight_service_pb2
 
 WRITE_METHOD = "/weightsmith.v1.WeightService/WriteWeights"
 
@@ -25,7 +25,7 @@ def _header(model_id: str, **fields: object) -> bytes:
 
 
 def _chunk(name: str, array: np.ndarray, offset: int, data: bytes) -> bytes:
-    return _wire.encode_chunk(2, name, _wire.wire_dtype(array.dtype), array.shape, offset, memoryview(data))
+    return wire.encode_chunk(2, name, wire.wire_dtype(array.dtype), array.shape, offset, memoryview(data))
 
 
 def _raw_write(
@@ -69,7 +69,7 @@ def test_round_trip_is_bit_exact_and_creates_a_revision(client, model_id: str) -
     assert revision.revision == 2
     assert revision.message == "scaled"
     assert revision.author == "tests"
-    assert revision.kind == weight_service_pb2.REVISION_KIND_WRITE_WEIGHTS
+    assert revision.kind == revision_pb2.REVISION_KIND_WRITE_WEIGHTS
     assert list(revision.changed_variables) == list(original)
     again = client.read_weights(model_id)
     assert {k: v.tobytes() for k, v in again.items()} == {k: v.tobytes() for k, v in modified.items()}
@@ -149,7 +149,7 @@ def test_revisions_list_newest_first_with_pages(client, model_id: str) -> None:
     assert [r.revision for r in client.iter_revisions(model_id)] == [5, 4, 3, 2, 1]
     first = client.get_revision(model_id, 1)
     assert first.message == "created"
-    assert first.kind == weight_service_pb2.REVISION_KIND_CREATE
+    assert first.kind == revision_pb2.REVISION_KIND_CREATE
     assert first.architecture_changed
     assert first.create_time.seconds > 0
     assert client.get_revision(model_id, 3).message == "write 1"
@@ -285,7 +285,7 @@ def _bad_write_cases(model_id: str) -> list[tuple[str, list[bytes], str, str]]:
         ),
         (
             "bad dtype",
-            [head, _wire.encode_chunk(2, "hidden/kernel", 99, (4, 3), 0, memoryview(raw))],
+            [head, wire.encode_chunk(2, "hidden/kernel", 99, (4, 3), 0, memoryview(raw))],
             "chunks[0].dtype",
             "INVALID_DTYPE",
         ),
@@ -371,9 +371,9 @@ def test_client_abort_mid_stream_changes_nothing(client, server: ServerHandle, m
 
     def messages() -> Iterator[bytes]:
         yield _header(model_id)
-        chunks = list(_wire.iter_tensor_chunks("a/kernel", kernel, 1 << 20))
+        chunks = list(wire.iter_tensor_chunks("a/kernel", kernel, 1 << 20))
         for name, dtype, shape, offset, data in chunks[:2]:
-            yield _wire.encode_chunk(2, name, dtype, shape, offset, data)
+            yield wire.encode_chunk(2, name, dtype, shape, offset, data)
         sent_some.set()
         release.wait(30)
 
@@ -409,7 +409,7 @@ def test_message_over_the_limit_is_resource_exhausted(small_message_server: Serv
             small.predict("big-input", np.zeros((4096, 1024), np.float32))
         assert small.get_model("big-input").revision == 1
         big = np.zeros((1024, 1536), np.float32)  # one 6 MiB chunk on a stream
-        message = _wire.encode_chunk(2, "hidden/kernel", 1, big.shape, 0, memoryview(big.tobytes()))
+        message = wire.encode_chunk(2, "hidden/kernel", 1, big.shape, 0, memoryview(big.tobytes()))
         with pytest.raises(grpc.RpcError) as streamed:
             _raw_write(small_message_server.address, [_header("big-input"), message])
         from weightsmith.errors import from_rpc_error

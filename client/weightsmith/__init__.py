@@ -3,8 +3,9 @@
 The client needs only grpcio, protobuf and numpy; it never imports TensorFlow.
 `Client` blocks, `AsyncClient` is its asyncio twin with the same methods.
 Every failure raises a `WeightsmithError` subclass, one per gRPC status code,
-carrying the server's field violations and reason. `weightsmith.edits` builds
-the typed edits (scale, prune, quantize, interpolate, replace_head, ...) that
+carrying the server's field violations and reason; `ErrorReason` is the
+documented catalog of those reasons. `weightsmith.edits` builds the typed
+edits (scale, prune, quantize, interpolate, replace_head, ...) that
 `apply_edits` commits as one revision. `weightsmith.jobs` builds fine-tuning
 job specs for `create_job`; `progress_bar` renders `watch_job` with tqdm
 (installed separately).
@@ -57,6 +58,7 @@ from weightsmith.errors import (
     WeightsmithError,
 )
 from weightsmith.progress import async_progress_bar, progress_bar
+from weightsmith.v1.error_reason_pb2 import ErrorReason
 
 __version__ = "0.1.0"
 
@@ -68,6 +70,7 @@ __all__ = [
     "Client",
     "DataLossError",
     "DeadlineExceededError",
+    "ErrorReason",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",

@@ -1,80 +1,70 @@
-"""The asyncio client: `AsyncClient`, the twin of `Client` on `grpc.aio`.
+"""The weightsmith client, written once for asyncio and generated for blocking calls.
 
-Same methods, same keyword-only options, as coroutines (and async iterators
-for `iter_*`). Everything that does no I/O lives in `_base._BaseClient`.
+`_async_client.py` is the source; `scripts/unasync.py` generates `client.py`
+from it: coroutines become blocking methods, async generators plain ones,
+and the grpc.aio transport the grpc one (`_transport`). Edit the source, then
+run `python scripts/unasync.py`; `make test` fails while the two differ.
+
+Every method is a short delegation: check the arguments and build the request
+(`_requests`, `_uploads`, `_streams`), make the call through `_send`, the one
+funnel that adds the deadline and the author metadata and raises every
+failure as a `WeightsmithError`, then decode the response.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pathlib
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
-from types import TracebackType
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import EllipsisType, TracebackType
 from typing import Any
 
 import grpc
 import numpy as np
 
-from weightsmith._base import (
-    COPIER,
+from weightsmith import _requests, _rpcs
+from weightsmith._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_RECONNECTS,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     DEFAULT_UPLOAD_CHUNK_BYTES,
-    READ_WEIGHTS_METHOD,
-    TERMINAL_JOB_STATES,
-    WRITE_WEIGHTS_METHOD,
     ChannelOptions,
-    DatasetSourceLike,
-    ExportReceiver,
-    FeatureSpecLike,
-    JobWatch,
-    PredictInputs,
-    SelectorLike,
-    WeightsReader,
-    _BaseClient,
-    cancel_on_error,
-    parse_read_weights_response,
-    partial_path,
-    serialize_write_weights_request,
+    ClientSettings,
 )
-from weightsmith._types import PredictResult
-from weightsmith.errors import translate_errors
+from weightsmith._datasets import DatasetSourceLike, FeatureSpecLike
+from weightsmith._requests import PredictInputs
+from weightsmith._rpcs import Rpc
+from weightsmith._streams import COPIER, ExportReceiver, WeightsReader, partial_path, write_weights_messages
+from weightsmith._transport import AsyncTransport
+from weightsmith._types import PredictResult, SelectorLike
+from weightsmith._uploads import Upload, dataset_upload, model_upload
+from weightsmith._watch import DEFAULT_MAX_RECONNECTS, TERMINAL_JOB_STATES, JobWatch
+from weightsmith.errors import WeightsmithError
 from weightsmith.v1 import (
+    dataset_pb2,
     edits_pb2,
+    job_pb2,
     model_pb2,
     model_service_pb2,
-    model_service_pb2_grpc,
+    revision_pb2,
     training_service_pb2,
-    training_service_pb2_grpc,
     weight_service_pb2,
-    weight_service_pb2_grpc,
 )
 
 
-@dataclass(frozen=True)
-class _Connection:
-    """The aio channel and the callables built on it."""
+class AsyncClient:
+    """A client of a weightsmith server: one channel, every RPC as a method.
 
-    channel: grpc.aio.Channel
-    models: model_service_pb2_grpc.ModelServiceStub
-    weights: weight_service_pb2_grpc.WeightServiceStub
-    training: training_service_pb2_grpc.TrainingServiceStub
-    read_weights: grpc.aio.UnaryStreamMultiCallable
-    write_weights: grpc.aio.StreamUnaryMultiCallable
+    The blocking and the asyncio client have the same methods and the same
+    keyword-only options; the asyncio client's methods are coroutines, or
+    async generators for `iter_*` and `watch_job`. Use a client as a context
+    manager or call `close()`. Every failure raises a
+    `weightsmith.WeightsmithError` subclass, one per gRPC status code.
 
-
-class AsyncClient(_BaseClient):
-    """An asyncio client of a weightsmith server.
-
-    The twin of `Client`: the same methods and options, awaited. The channel
-    opens on the first call, so an `AsyncClient` may be created outside the
-    event loop that uses it; use it with `async with` or `await close()`.
-    Every failure raises a `weightsmith.WeightsmithError` subclass, one per
-    gRPC status code.
+    The blocking client may be shared between threads. The asyncio client
+    opens its channel on the first call, so it may be created outside the
+    event loop that uses it, and runs blocking file work (reading uploads,
+    writing exports, zipping image folders) in worker threads, off the loop.
 
     Reads (`get_model`, `list_models`, `predict`, `evaluate`,
     `server_info`, `read_weights`, `list_revisions`, `get_revision`,
@@ -102,15 +92,14 @@ class AsyncClient(_BaseClient):
     Example:
 
     ```python
-    import asyncio
     import weightsmith
 
-    async def main() -> None:
-        async with weightsmith.AsyncClient("127.0.0.1:50051") as client:
-            weights = await client.read_weights("mnv2", "*/kernel")
-            print(len(weights))
-
-    asyncio.run(main())
+    async with weightsmith.AsyncClient("127.0.0.1:50051") as client:
+        model = await client.create_model(
+            "mnv2", architecture="MobileNetV2", input_shape=[96, 96, 3], classes=10, seed=0
+        )
+        kernels = await client.read_weights("mnv2", "*/kernel")
+        print(model.revision, len(kernels))
     ```
     """
 
@@ -125,7 +114,7 @@ class AsyncClient(_BaseClient):
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
     ) -> None:
-        super().__init__(
+        self._settings = ClientSettings(
             target,
             timeout=timeout,
             stream_timeout=stream_timeout,
@@ -134,46 +123,21 @@ class AsyncClient(_BaseClient):
             credentials=credentials,
             options=options,
         )
-        self._connection: _Connection | None = None
-        self._closed = False
+        self._transport = AsyncTransport(self._settings)
 
-    def _connect(self) -> _Connection:
-        # A grpc.aio channel binds to the running loop when created, hence lazily.
-        if self._closed:
-            raise RuntimeError(
-                "Received a call on a closed AsyncClient, expected an open one; create a new AsyncClient."
-            )
-        if self._connection is None:
-            if self._credentials is None:
-                channel = grpc.aio.insecure_channel(self._target, options=self._channel_options)
-            else:
-                channel = grpc.aio.secure_channel(
-                    self._target, self._credentials, options=self._channel_options
-                )
-            self._connection = _Connection(
-                channel=channel,
-                models=model_service_pb2_grpc.ModelServiceStub(channel),
-                weights=weight_service_pb2_grpc.WeightServiceStub(channel),
-                training=training_service_pb2_grpc.TrainingServiceStub(channel),
-                read_weights=channel.unary_stream(
-                    READ_WEIGHTS_METHOD,
-                    request_serializer=weight_service_pb2.ReadWeightsRequest.SerializeToString,
-                    response_deserializer=parse_read_weights_response,
-                ),
-                write_weights=channel.stream_unary(
-                    WRITE_WEIGHTS_METHOD,
-                    request_serializer=serialize_write_weights_request,
-                    response_deserializer=weight_service_pb2.WriteWeightsResponse.FromString,
-                ),
-            )
-        return self._connection
+    @property
+    def target(self) -> str:
+        """The server address the client connects to."""
+        return self._settings.target
+
+    @property
+    def author(self) -> str:
+        """The `weightsmith-author` recorded on the revisions this client commits."""
+        return self._settings.author
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        self._closed = True
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.channel.close()
+        await self._transport.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -185,6 +149,51 @@ class AsyncClient(_BaseClient):
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+    # --- the call funnel ------------------------------------------------------
+
+    def _send(self, rpc: Rpc, request: Any, *, timeout: float | EllipsisType | None = ...) -> Any:
+        """Make one call: the funnel every RPC of the client goes through.
+
+        It adds the author metadata and the deadline: `timeout` seconds
+        (None for none), or by default the client's `stream_timeout` for
+        streaming calls and its `timeout` for the others. Failures raise
+        `WeightsmithError`s. It returns the response (to await, on asyncio)
+        or, for a server stream, its responses, to iterate inside a `with`
+        block that cancels the call if the block fails.
+        """
+        deadline = self._settings.deadline(rpc) if isinstance(timeout, EllipsisType) else timeout
+        return self._transport.call(rpc, request, timeout=deadline, metadata=self._settings.metadata)
+
+    async def _paginate(
+        self, list_page: Callable[..., Any], field: str, **options: Any
+    ) -> AsyncIterator[Any]:
+        """Yield the items of every page of a `list_*` method, following `next_page_token`."""
+        page_token = ""
+        while True:
+            page = await list_page(page_token=page_token, **options)
+            for item in getattr(page, field):
+                yield item
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    async def _upload(self, rpc: Rpc, upload: Upload, chunk_size_bytes: int) -> Any:
+        """Stream an upload: its header, then its bytes in chunks (read off the event loop on asyncio)."""
+
+        async def requests() -> AsyncIterator[Any]:
+            yield upload.header
+            file = await self._transport.run_blocking(upload.open)
+            try:
+                while block := await self._transport.run_blocking(file.read, chunk_size_bytes):
+                    yield upload.chunk(block)
+            finally:
+                file.close()
+
+        try:
+            return await self._send(rpc, requests())
+        finally:
+            upload.close()
 
     # --- models ---------------------------------------------------------------
 
@@ -231,11 +240,12 @@ class AsyncClient(_BaseClient):
         Example:
 
         ```python
-        model = await client.create_model("tiny", architecture="MobileNetV3Small",
-                                          input_shape=[64, 64, 3], classes=5, seed=1)
+        model = await client.create_model(
+            "tiny", architecture="MobileNetV3Small", input_shape=[64, 64, 3], classes=5, seed=1
+        )
         ```
         """
-        request = self._create_model_request(
+        request = _requests.create_model(
             model_id,
             architecture=architecture,
             include_top=include_top,
@@ -248,11 +258,7 @@ class AsyncClient(_BaseClient):
             seed=seed,
             message=message,
         )
-        with translate_errors():
-            response = await self._connect().models.CreateModel(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.model
+        return (await self._send(_rpcs.CREATE_MODEL, request)).model
 
     async def upload_model(
         self,
@@ -265,8 +271,7 @@ class AsyncClient(_BaseClient):
         """Upload a `.keras` file as a new model at revision 1.
 
         The server loads it in Keras safe mode; a file that would run code is
-        refused with `InvalidArgumentError`. The file is read off the event
-        loop, in a worker thread.
+        refused with `InvalidArgumentError`.
 
         Args:
             source: The file's path, or its bytes.
@@ -283,28 +288,9 @@ class AsyncClient(_BaseClient):
         model = await client.upload_model("classifier.keras", "classifier")
         ```
         """
-        upload = self._upload_source(source)
-        chunk_size = self._upload_chunk_size(chunk_size_bytes)
-        header = self._upload_header(model_id, upload, message)
-
-        async def requests() -> AsyncIterator[model_service_pb2.UploadModelRequest]:
-            yield header
-            if upload.path is None:
-                for request in self._upload_data_messages(upload.data, chunk_size):
-                    yield request
-                return
-            file = await asyncio.to_thread(upload.path.open, "rb")
-            try:
-                while block := await asyncio.to_thread(file.read, chunk_size):
-                    yield model_service_pb2.UploadModelRequest(chunk=block)
-            finally:
-                file.close()
-
-        with translate_errors():
-            response = await self._connect().models.UploadModel(
-                requests(), timeout=self._stream_timeout, metadata=self._metadata
-            )
-        return response.model
+        upload = model_upload(source, model_id, message)
+        chunk_size = self._settings.upload_chunk_size(chunk_size_bytes)
+        return (await self._upload(_rpcs.UPLOAD_MODEL, upload, chunk_size)).model
 
     async def get_model(self, model_id: str) -> model_pb2.Model:
         """Return a model's description: revision, layers, variables, device.
@@ -316,11 +302,7 @@ class AsyncClient(_BaseClient):
             The `Model`.
         """
         request = model_service_pb2.GetModelRequest(model_id=model_id)
-        with translate_errors():
-            response = await self._connect().models.GetModel(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.model
+        return (await self._send(_rpcs.GET_MODEL, request)).model
 
     async def list_models(
         self, *, page_size: int = 0, page_token: str = ""
@@ -335,10 +317,7 @@ class AsyncClient(_BaseClient):
             The page: `models` and `next_page_token` ("" on the last page).
         """
         request = model_service_pb2.ListModelsRequest(page_size=page_size, page_token=page_token)
-        with translate_errors():
-            return await self._connect().models.ListModels(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        return await self._send(_rpcs.LIST_MODELS, request)
 
     async def iter_models(self, *, page_size: int = 0) -> AsyncIterator[model_pb2.Model]:
         """Yield every model, ordered by id, fetching pages as needed.
@@ -355,14 +334,8 @@ class AsyncClient(_BaseClient):
         ids = [model.model_id async for model in client.iter_models()]
         ```
         """
-        page_token = ""
-        while True:
-            page = await self.list_models(page_size=page_size, page_token=page_token)
-            for model in page.models:
-                yield model
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        async for model in self._paginate(self.list_models, "models", page_size=page_size):
+            yield model
 
     async def delete_model(self, model_id: str) -> None:
         """Delete a model and its whole history.
@@ -370,9 +343,7 @@ class AsyncClient(_BaseClient):
         Args:
             model_id: The model's id.
         """
-        request = model_service_pb2.DeleteModelRequest(model_id=model_id)
-        with translate_errors():
-            await self._connect().models.DeleteModel(request, timeout=self._timeout, metadata=self._metadata)
+        await self._send(_rpcs.DELETE_MODEL, model_service_pb2.DeleteModelRequest(model_id=model_id))
 
     async def export_model(
         self,
@@ -384,9 +355,9 @@ class AsyncClient(_BaseClient):
     ) -> bytes | pathlib.Path:
         """Download a model as a `.keras` file or a SavedModel tar archive.
 
-        With `path`, the file is written (off the event loop) next to it under
-        a temporary name and renamed into place once every byte arrived, so
-        `path` never holds a partial export.
+        With `path`, the file is written next to it under a temporary name
+        and renamed into place once every byte arrived, so `path` never holds
+        a partial export.
 
         Args:
             model_id: The model's id.
@@ -403,31 +374,27 @@ class AsyncClient(_BaseClient):
         await client.export_model("tiny", path="tiny.keras")
         ```
         """
-        request = self._export_request(model_id, revision, format)
+        request = _requests.export_model(model_id, revision, format)
         receiver = ExportReceiver()
-        with translate_errors():
-            call = self._connect().models.ExportModel(
-                request, timeout=self._stream_timeout, metadata=self._metadata
-            )
-            with cancel_on_error(call):
-                if path is None:
-                    parts = [receiver.add(response) async for response in call]
-                    receiver.finish()
-                    return b"".join(parts)
-                destination = pathlib.Path(path)
-                partial = partial_path(destination)
+        async with self._send(_rpcs.EXPORT_MODEL, request) as responses:
+            if path is None:
+                parts = [receiver.add(response) async for response in responses]
+                receiver.finish()
+                return b"".join(parts)
+            destination = pathlib.Path(path)
+            partial = partial_path(destination)
+            try:
+                file = await self._transport.run_blocking(partial.open, "wb")
                 try:
-                    file = await asyncio.to_thread(partial.open, "wb")
-                    try:
-                        async for response in call:
-                            await asyncio.to_thread(file.write, receiver.add(response))
-                    finally:
-                        await asyncio.to_thread(file.close)
-                    receiver.finish()
-                    await asyncio.to_thread(os.replace, partial, destination)
+                    async for response in responses:
+                        await self._transport.run_blocking(file.write, receiver.add(response))
                 finally:
-                    await asyncio.to_thread(partial.unlink, missing_ok=True)
-                return destination
+                    await self._transport.run_blocking(file.close)
+                receiver.finish()
+                await self._transport.run_blocking(os.replace, partial, destination)
+            finally:
+                await self._transport.run_blocking(partial.unlink, missing_ok=True)
+            return destination
 
     async def predict(
         self,
@@ -457,12 +424,8 @@ class AsyncClient(_BaseClient):
         probabilities = (await client.predict("tiny", batch)).output
         ```
         """
-        request = self._predict_request(model_id, inputs, output_layers)
-        with translate_errors():
-            response = await self._connect().models.Predict(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return self._predict_result(response)
+        request = _requests.predict(model_id, inputs, output_layers)
+        return _requests.predict_result(await self._send(_rpcs.PREDICT, request))
 
     async def evaluate(
         self,
@@ -497,12 +460,13 @@ class AsyncClient(_BaseClient):
         Example:
 
         ```python
-        result = await client.evaluate("tiny", "toy", loss="sparse_categorical_crossentropy",
-                                       metrics=["accuracy"], split="validation")
+        result = await client.evaluate(
+            "tiny", "toy", loss="sparse_categorical_crossentropy", metrics=["accuracy"], split="validation"
+        )
         print(result.loss, result.metrics["accuracy"])
         ```
         """
-        request = self._evaluate_request(
+        request = _requests.evaluate(
             model_id,
             dataset_id,
             loss=loss,
@@ -512,18 +476,11 @@ class AsyncClient(_BaseClient):
             split=split,
             rescale=rescale,
         )
-        with translate_errors():
-            return await self._connect().models.Evaluate(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        return await self._send(_rpcs.EVALUATE, request)
 
     async def server_info(self) -> model_service_pb2.GetServerInfoResponse:
         """Return the server's versions, devices, limits and catalog names."""
-        request = model_service_pb2.GetServerInfoRequest()
-        with translate_errors():
-            return await self._connect().models.GetServerInfo(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        return await self._send(_rpcs.GET_SERVER_INFO, model_service_pb2.GetServerInfoRequest())
 
     # --- weights --------------------------------------------------------------
 
@@ -561,17 +518,13 @@ class AsyncClient(_BaseClient):
         kernel = weights["predictions/kernel"]
         ```
         """
-        request = self._read_weights_request(model_id, selector, revision, chunk_size_bytes)
+        request = _requests.read_weights(model_id, selector, revision, chunk_size_bytes)
         reader = WeightsReader(out)
-        with translate_errors():
-            call = self._connect().read_weights(
-                request, timeout=self._stream_timeout, metadata=self._metadata
-            )
-            with cancel_on_error(call):
-                async for message in call:
-                    reader.add(message)
+        async with self._send(_rpcs.READ_WEIGHTS, request) as responses:
+            async for message in responses:
+                reader.add(message)
         # Queued behind the chunk copies, so it waits for none of them.
-        return await asyncio.wrap_future(COPIER.submit(reader.finish))
+        return await self._transport.run_blocking(reader.finish, executor=COPIER)
 
     async def write_weights(
         self,
@@ -582,7 +535,7 @@ class AsyncClient(_BaseClient):
         message: str = "",
         allow_non_finite: bool = False,
         chunk_size_bytes: int = 0,
-    ) -> weight_service_pb2.Revision:
+    ) -> revision_pb2.Revision:
         """Overwrite variables, committed atomically as one new revision.
 
         Each array must have its variable's exact shape and dtype. Nothing
@@ -609,7 +562,7 @@ class AsyncClient(_BaseClient):
         revision = await client.write_weights("tiny", weights, message="halve the head")
         ```
         """
-        requests = self._write_weights_messages(
+        requests = write_weights_messages(
             model_id,
             weights,
             expected_revision=expected_revision,
@@ -617,11 +570,7 @@ class AsyncClient(_BaseClient):
             allow_non_finite=allow_non_finite,
             chunk_size_bytes=chunk_size_bytes,
         )
-        with translate_errors():
-            response = await self._connect().write_weights(
-                requests, timeout=self._stream_timeout, metadata=self._metadata
-            )
-        return response.revision
+        return (await self._send(_rpcs.WRITE_WEIGHTS, requests)).revision
 
     # --- revisions ------------------------------------------------------------
 
@@ -641,14 +590,11 @@ class AsyncClient(_BaseClient):
         request = weight_service_pb2.ListRevisionsRequest(
             model_id=model_id, page_size=page_size, page_token=page_token
         )
-        with translate_errors():
-            return await self._connect().weights.ListRevisions(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        return await self._send(_rpcs.LIST_REVISIONS, request)
 
     async def iter_revisions(
         self, model_id: str, *, page_size: int = 0
-    ) -> AsyncIterator[weight_service_pb2.Revision]:
+    ) -> AsyncIterator[revision_pb2.Revision]:
         """Yield every revision of a model, newest first, fetching pages as needed.
 
         Args:
@@ -658,16 +604,11 @@ class AsyncClient(_BaseClient):
         Returns:
             An async iterator of `Revision`s.
         """
-        page_token = ""
-        while True:
-            page = await self.list_revisions(model_id, page_size=page_size, page_token=page_token)
-            for revision in page.revisions:
-                yield revision
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        pages = self._paginate(self.list_revisions, "revisions", model_id=model_id, page_size=page_size)
+        async for revision in pages:
+            yield revision
 
-    async def get_revision(self, model_id: str, revision: int) -> weight_service_pb2.Revision:
+    async def get_revision(self, model_id: str, revision: int) -> revision_pb2.Revision:
         """Return one revision of a model.
 
         Args:
@@ -678,11 +619,7 @@ class AsyncClient(_BaseClient):
             The `Revision`.
         """
         request = weight_service_pb2.GetRevisionRequest(model_id=model_id, revision=revision)
-        with translate_errors():
-            response = await self._connect().weights.GetRevision(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.revision
+        return (await self._send(_rpcs.GET_REVISION, request)).revision
 
     # --- edits ----------------------------------------------------------------
 
@@ -727,13 +664,10 @@ class AsyncClient(_BaseClient):
         print(response.revision.revision, [r.elements_changed for r in response.results])
         ```
         """
-        request = self._apply_edits_request(
+        request = _requests.apply_edits(
             model_id, edits, expected_revision=expected_revision, message=message, dry_run=dry_run
         )
-        with translate_errors():
-            return await self._connect().weights.ApplyEdits(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        return await self._send(_rpcs.APPLY_EDITS, request)
 
     async def diff_revisions(
         self, model_id: str, from_revision: int, to_revision: int = 0
@@ -758,11 +692,8 @@ class AsyncClient(_BaseClient):
             print(variable.path, variable.delta_l2, variable.fraction_changed)
         ```
         """
-        request = self._diff_revisions_request(model_id, from_revision, to_revision)
-        with translate_errors():
-            return await self._connect().weights.DiffRevisions(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        request = _requests.diff_revisions(model_id, from_revision, to_revision)
+        return await self._send(_rpcs.DIFF_REVISIONS, request)
 
     async def revert_model(
         self,
@@ -771,7 +702,7 @@ class AsyncClient(_BaseClient):
         *,
         expected_revision: int | None = None,
         message: str = "",
-    ) -> weight_service_pb2.Revision:
+    ) -> revision_pb2.Revision:
         """Restore an earlier revision's weights and architecture as a new revision.
 
         History is never rewritten: the restored state is committed on top.
@@ -792,14 +723,10 @@ class AsyncClient(_BaseClient):
         revision = await client.revert_model("tiny", 1, message="undo the pruning")
         ```
         """
-        request = self._revert_model_request(
+        request = _requests.revert_model(
             model_id, to_revision, expected_revision=expected_revision, message=message
         )
-        with translate_errors():
-            response = await self._connect().weights.RevertModel(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.revision
+        return (await self._send(_rpcs.REVERT_MODEL, request)).revision
 
     # --- datasets -------------------------------------------------------------
 
@@ -814,7 +741,7 @@ class AsyncClient(_BaseClient):
         image_size: Sequence[int] | None = None,
         channels: int = 3,
         chunk_size_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
-    ) -> training_service_pb2.Dataset:
+    ) -> dataset_pb2.Dataset:
         """Upload a dataset for training jobs and `evaluate`.
 
         The server validates it completely before acknowledging it; nothing
@@ -829,9 +756,6 @@ class AsyncClient(_BaseClient):
           image folder itself, one subfolder per class, zipped on the fly
           into a temporary file (`"image_folder"`, with `image_size`);
         - the file's bytes, with `format`.
-
-        Serializing, zipping and reading happen off the event loop, in
-        worker threads.
 
         Args:
             source: The arrays, a path, or bytes.
@@ -860,9 +784,9 @@ class AsyncClient(_BaseClient):
         flowers = await client.upload_dataset("flower_photos/", "flowers", image_size=(96, 96))
         ```
         """
-        chunk_size = self._upload_chunk_size(chunk_size_bytes)
-        upload = await asyncio.to_thread(
-            self._dataset_upload,
+        chunk_size = self._settings.upload_chunk_size(chunk_size_bytes)
+        upload = await self._transport.run_blocking(
+            dataset_upload,
             source,
             dataset_id,
             format=format,
@@ -871,24 +795,7 @@ class AsyncClient(_BaseClient):
             image_size=image_size,
             channels=channels,
         )
-
-        async def requests() -> AsyncIterator[training_service_pb2.UploadDatasetRequest]:
-            yield upload.header
-            file = await asyncio.to_thread(upload.open)
-            try:
-                while block := await asyncio.to_thread(file.read, chunk_size):
-                    yield training_service_pb2.UploadDatasetRequest(chunk=block)
-            finally:
-                file.close()
-
-        try:
-            with translate_errors():
-                response = await self._connect().training.UploadDataset(
-                    requests(), timeout=self._stream_timeout, metadata=self._metadata
-                )
-        finally:
-            upload.close()
-        return response.dataset
+        return (await self._upload(_rpcs.UPLOAD_DATASET, upload, chunk_size)).dataset
 
     async def create_dataset(
         self,
@@ -900,7 +807,7 @@ class AsyncClient(_BaseClient):
         tfrecord_labels: FeatureSpecLike | None = None,
         image_size: Sequence[int] | None = None,
         channels: int = 3,
-    ) -> training_service_pb2.Dataset:
+    ) -> dataset_pb2.Dataset:
         """Register a dataset from a file the server reads itself, without uploading it.
 
         Args:
@@ -929,7 +836,7 @@ class AsyncClient(_BaseClient):
         )
         ```
         """
-        request = self._create_dataset_request(
+        request = _requests.create_dataset(
             uri,
             dataset_id,
             format=format,
@@ -938,13 +845,9 @@ class AsyncClient(_BaseClient):
             image_size=image_size,
             channels=channels,
         )
-        with translate_errors():
-            response = await self._connect().training.CreateDataset(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.dataset
+        return (await self._send(_rpcs.CREATE_DATASET, request)).dataset
 
-    async def get_dataset(self, dataset_id: str) -> training_service_pb2.Dataset:
+    async def get_dataset(self, dataset_id: str) -> dataset_pb2.Dataset:
         """Return a dataset's description.
 
         Args:
@@ -954,11 +857,7 @@ class AsyncClient(_BaseClient):
             The `Dataset`.
         """
         request = training_service_pb2.GetDatasetRequest(dataset_id=dataset_id)
-        with translate_errors():
-            response = await self._connect().training.GetDataset(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.dataset
+        return (await self._send(_rpcs.GET_DATASET, request)).dataset
 
     async def list_datasets(
         self, *, page_size: int = 0, page_token: str = ""
@@ -973,12 +872,9 @@ class AsyncClient(_BaseClient):
             The page: `datasets` and `next_page_token` ("" on the last page).
         """
         request = training_service_pb2.ListDatasetsRequest(page_size=page_size, page_token=page_token)
-        with translate_errors():
-            return await self._connect().training.ListDatasets(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        return await self._send(_rpcs.LIST_DATASETS, request)
 
-    async def iter_datasets(self, *, page_size: int = 0) -> AsyncIterator[training_service_pb2.Dataset]:
+    async def iter_datasets(self, *, page_size: int = 0) -> AsyncIterator[dataset_pb2.Dataset]:
         """Yield every dataset, ordered by id, fetching pages as needed.
 
         Args:
@@ -993,14 +889,8 @@ class AsyncClient(_BaseClient):
         ids = [dataset.dataset_id async for dataset in client.iter_datasets()]
         ```
         """
-        page_token = ""
-        while True:
-            page = await self.list_datasets(page_size=page_size, page_token=page_token)
-            for dataset in page.datasets:
-                yield dataset
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        async for dataset in self._paginate(self.list_datasets, "datasets", page_size=page_size):
+            yield dataset
 
     async def delete_dataset(self, dataset_id: str) -> None:
         """Delete a dataset; `FailedPreconditionError` while a queued or running job uses it.
@@ -1009,16 +899,11 @@ class AsyncClient(_BaseClient):
             dataset_id: The dataset's id.
         """
         request = training_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id)
-        with translate_errors():
-            await self._connect().training.DeleteDataset(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        await self._send(_rpcs.DELETE_DATASET, request)
 
     # --- jobs -----------------------------------------------------------------
 
-    async def create_job(
-        self, spec: training_service_pb2.JobSpec, job_id: str = ""
-    ) -> training_service_pb2.Job:
+    async def create_job(self, spec: job_pb2.JobSpec, job_id: str = "") -> job_pb2.Job:
         """Validate a fine-tuning job completely and queue it.
 
         The job trains a working copy of the model, so `predict` and
@@ -1038,19 +923,14 @@ class AsyncClient(_BaseClient):
         ```python
         from weightsmith import jobs
 
-        job = await client.create_job(jobs.spec("tiny", "toy", epochs=2, batch_size=32,
-                                                optimizer=jobs.adam(1e-3),
-                                                loss="sparse_categorical_crossentropy"))
+        spec = jobs.spec("tiny", "toy", epochs=2, batch_size=32, optimizer=jobs.adam(1e-3),
+                         loss="sparse_categorical_crossentropy")
+        job = await client.create_job(spec)
         ```
         """
-        request = self._create_job_request(spec, job_id)
-        with translate_errors():
-            response = await self._connect().training.CreateJob(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.job
+        return (await self._send(_rpcs.CREATE_JOB, _requests.create_job(spec, job_id))).job
 
-    async def get_job(self, job_id: str) -> training_service_pb2.Job:
+    async def get_job(self, job_id: str) -> job_pb2.Job:
         """Return a job: its state, progress and result.
 
         Args:
@@ -1060,11 +940,7 @@ class AsyncClient(_BaseClient):
             The `Job`.
         """
         request = training_service_pb2.GetJobRequest(job_id=job_id)
-        with translate_errors():
-            response = await self._connect().training.GetJob(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.job
+        return (await self._send(_rpcs.GET_JOB, request)).job
 
     async def list_jobs(
         self, *, page_size: int = 0, page_token: str = ""
@@ -1079,12 +955,9 @@ class AsyncClient(_BaseClient):
             The page: `jobs` and `next_page_token` ("" on the last page).
         """
         request = training_service_pb2.ListJobsRequest(page_size=page_size, page_token=page_token)
-        with translate_errors():
-            return await self._connect().training.ListJobs(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        return await self._send(_rpcs.LIST_JOBS, request)
 
-    async def iter_jobs(self, *, page_size: int = 0) -> AsyncIterator[training_service_pb2.Job]:
+    async def iter_jobs(self, *, page_size: int = 0) -> AsyncIterator[job_pb2.Job]:
         """Yield every job, newest first, fetching pages as needed.
 
         Args:
@@ -1097,19 +970,13 @@ class AsyncClient(_BaseClient):
 
         ```python
         running = [job.job_id async for job in client.iter_jobs()
-                   if job.state == training_service_pb2.JOB_STATE_RUNNING]
+                   if job.state == job_pb2.JOB_STATE_RUNNING]
         ```
         """
-        page_token = ""
-        while True:
-            page = await self.list_jobs(page_size=page_size, page_token=page_token)
-            for job in page.jobs:
-                yield job
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        async for job in self._paginate(self.list_jobs, "jobs", page_size=page_size):
+            yield job
 
-    async def cancel_job(self, job_id: str) -> training_service_pb2.Job:
+    async def cancel_job(self, job_id: str) -> job_pb2.Job:
         """Cancel a queued or running job; it commits nothing.
 
         Args:
@@ -1120,11 +987,7 @@ class AsyncClient(_BaseClient):
             interval), so `wait_job` may be needed to see the final state.
         """
         request = training_service_pb2.CancelJobRequest(job_id=job_id)
-        with translate_errors():
-            response = await self._connect().training.CancelJob(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        return response.job
+        return (await self._send(_rpcs.CANCEL_JOB, request)).job
 
     async def list_job_events(
         self, job_id: str, *, after_sequence: int = 0, page_size: int = 0, page_token: str = ""
@@ -1141,11 +1004,8 @@ class AsyncClient(_BaseClient):
             The page: `events` and `next_page_token` (not empty while there
             may be more, also while the job runs).
         """
-        request = self._list_job_events_request(job_id, after_sequence, page_size, page_token)
-        with translate_errors():
-            return await self._connect().training.ListJobEvents(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
+        request = _requests.list_job_events(job_id, after_sequence, page_size, page_token)
+        return await self._send(_rpcs.LIST_JOB_EVENTS, request)
 
     async def watch_job(
         self,
@@ -1154,7 +1014,7 @@ class AsyncClient(_BaseClient):
         after_sequence: int = 0,
         reconnect: bool = True,
         max_reconnects: int = DEFAULT_MAX_RECONNECTS,
-    ) -> AsyncIterator[training_service_pb2.JobEvent]:
+    ) -> AsyncIterator[job_pb2.JobEvent]:
         """Yield a job's events in sequence order, live, until the job ends.
 
         Events already stored are replayed first. When the stream fails
@@ -1184,31 +1044,33 @@ class AsyncClient(_BaseClient):
                 print(event.epoch_ended.epoch, dict(event.epoch_ended.validation_metrics))
         ```
         """
-        watch = self._job_watch(
-            job_id, after_sequence=after_sequence, reconnect=reconnect, max_reconnects=max_reconnects
+        watch = JobWatch(
+            job_id,
+            after_sequence=after_sequence,
+            reconnect=reconnect,
+            max_reconnects=max_reconnects,
+            stream_timeout=self._settings.stream_timeout,
         )
         async for event in self._watch(watch):
             yield event
 
-    async def _watch(self, watch: JobWatch) -> AsyncIterator[training_service_pb2.JobEvent]:
-        with translate_errors():
-            while True:
-                call = self._connect().training.WatchJob(
-                    watch.request(), timeout=watch.call_timeout(), metadata=self._metadata
-                )
-                try:
-                    with cancel_on_error(call):
-                        async for response in call:
-                            if watch.accept(response.event):
-                                yield response.event
-                    return
-                except grpc.RpcError as exc:
-                    delay = watch.reconnect_delay(exc)
-                    if delay is None:
-                        raise
-                await asyncio.sleep(delay)
+    async def _watch(self, watch: JobWatch) -> AsyncIterator[job_pb2.JobEvent]:
+        """Yield a job's new events, reconnecting after connection failures as `watch` decides."""
+        while True:
+            try:
+                call = self._send(_rpcs.WATCH_JOB, watch.request(), timeout=watch.call_timeout())
+                async with call as responses:
+                    async for response in responses:
+                        if watch.accept(response.event):
+                            yield response.event
+                return
+            except WeightsmithError as exc:
+                delay = watch.reconnect_delay(exc)
+                if delay is None:
+                    raise
+            await self._transport.sleep(delay)
 
-    async def wait_job(self, job_id: str, *, timeout: float | None = None) -> training_service_pb2.Job:
+    async def wait_job(self, job_id: str, *, timeout: float | None = None) -> job_pb2.Job:
         """Wait until a job has ended and return it.
 
         Watches the job's events (reconnecting like `watch_job`), then
@@ -1230,11 +1092,11 @@ class AsyncClient(_BaseClient):
 
         ```python
         job = await client.wait_job(job.job_id, timeout=3600)
-        if job.state == training_service_pb2.JOB_STATE_SUCCEEDED:
+        if job.state == job_pb2.JOB_STATE_SUCCEEDED:
             print("committed revision", job.result_revision)
         ```
         """
-        watch = self._job_watch(job_id, timeout=timeout)
+        watch = JobWatch(job_id, stream_timeout=self._settings.stream_timeout, timeout=timeout)
         job = await self.get_job(job_id)
         if job.state in TERMINAL_JOB_STATES:
             return job

@@ -8,18 +8,8 @@ from typing import TypeAlias
 
 import numpy as np
 
+from weightsmith import _checks
 from weightsmith.v1 import selector_pb2
-
-
-def _strings(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
-    # A lone string is one item, not a sequence of one-character items.
-    items = (value,) if isinstance(value, str) else tuple(value)
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(
-                f"Received an invalid item in `{name}`, expected strings. Received: {name}={value!r}"
-            )
-    return items
 
 
 def _optional_index(name: str, value: object) -> int | None:
@@ -72,7 +62,7 @@ class Selector:
 
     def __post_init__(self) -> None:
         for name in ("paths", "patterns", "layers", "kinds"):
-            object.__setattr__(self, name, _strings(name, getattr(self, name)))
+            object.__setattr__(self, name, _checks.strings(name, getattr(self, name)))
         layer_range = self.layer_range
         if isinstance(layer_range, slice):
             if layer_range.step is not None:
@@ -132,6 +122,16 @@ def selector_to_proto(selector: SelectorLike | None) -> selector_pb2.VariableSel
         f"Received an invalid `selector`, expected a Selector, a glob string or a list of "
         f"glob strings. Received: {selector!r}"
     )
+
+
+def required_selector(selector: SelectorLike) -> selector_pb2.VariableSelector:
+    """Like `selector_to_proto`, but refuse None where an edit needs a selector."""
+    if selector is None:
+        raise TypeError(
+            "Received selector=None, expected a Selector, a glob string or a list of glob "
+            "strings; pass `weightsmith.Selector()` to select every variable."
+        )
+    return selector_to_proto(selector)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,64 +1,72 @@
-"""The synchronous client: `Client`.
+# Generated from _async_client.py by scripts/unasync.py: do not edit.
+# Edit _async_client.py, then run `python scripts/unasync.py` (`make test` checks they agree).
+"""The weightsmith client, written once for asyncio and generated for blocking calls.
 
-`AsyncClient` (in `_async_client`) is its twin with the same methods as
-coroutines; everything that does no I/O lives in `_base._BaseClient`.
+`_async_client.py` is the source; `scripts/unasync.py` generates `client.py`
+from it: coroutines become blocking methods, async generators plain ones,
+and the grpc.aio transport the grpc one (`_transport`). Edit the source, then
+run `python scripts/unasync.py`; `make test` fails while the two differ.
+
+Every method is a short delegation: check the arguments and build the request
+(`_requests`, `_uploads`, `_streams`), make the call through `_send`, the one
+funnel that adds the deadline and the author metadata and raises every
+failure as a `WeightsmithError`, then decode the response.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from types import TracebackType
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import EllipsisType, TracebackType
 from typing import Any
 
 import grpc
 import numpy as np
 
-from weightsmith._base import (
+from weightsmith import _requests, _rpcs
+from weightsmith._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_RECONNECTS,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     DEFAULT_UPLOAD_CHUNK_BYTES,
-    READ_WEIGHTS_METHOD,
-    TERMINAL_JOB_STATES,
-    WRITE_WEIGHTS_METHOD,
     ChannelOptions,
-    DatasetSourceLike,
-    ExportReceiver,
-    FeatureSpecLike,
-    JobWatch,
-    PredictInputs,
-    SelectorLike,
-    WeightsReader,
-    _BaseClient,
-    cancel_on_error,
-    parse_read_weights_response,
-    partial_path,
-    serialize_write_weights_request,
+    ClientSettings,
 )
-from weightsmith._types import PredictResult
-from weightsmith.errors import translate_errors
+from weightsmith._datasets import DatasetSourceLike, FeatureSpecLike
+from weightsmith._requests import PredictInputs
+from weightsmith._rpcs import Rpc
+from weightsmith._streams import COPIER, ExportReceiver, WeightsReader, partial_path, write_weights_messages
+from weightsmith._transport import SyncTransport
+from weightsmith._types import PredictResult, SelectorLike
+from weightsmith._uploads import Upload, dataset_upload, model_upload
+from weightsmith._watch import DEFAULT_MAX_RECONNECTS, TERMINAL_JOB_STATES, JobWatch
+from weightsmith.errors import WeightsmithError
 from weightsmith.v1 import (
+    dataset_pb2,
     edits_pb2,
+    job_pb2,
     model_pb2,
     model_service_pb2,
-    model_service_pb2_grpc,
+    revision_pb2,
     training_service_pb2,
-    training_service_pb2_grpc,
     weight_service_pb2,
-    weight_service_pb2_grpc,
 )
 
 
-class Client(_BaseClient):
-    """A blocking client of a weightsmith server.
+class Client:
+    """A client of a weightsmith server: one channel, every RPC as a method.
 
-    Holds one gRPC channel; use it as a context manager or call `close()`.
-    Safe to share between threads. Every failure raises a
+    The blocking and the asyncio client have the same methods and the same
+    keyword-only options; the asyncio client's methods are coroutines, or
+    async generators for `iter_*` and `watch_job`. Use a client as a context
+    manager or call `close()`. Every failure raises a
     `weightsmith.WeightsmithError` subclass, one per gRPC status code.
+
+    The blocking client may be shared between threads. The asyncio client
+    opens its channel on the first call, so it may be created outside the
+    event loop that uses it, and runs blocking file work (reading uploads,
+    writing exports, zipping image folders) in worker threads, off the loop.
 
     Reads (`get_model`, `list_models`, `predict`, `evaluate`,
     `server_info`, `read_weights`, `list_revisions`, `get_revision`,
@@ -86,12 +94,12 @@ class Client(_BaseClient):
     Example:
 
     ```python
-    import numpy as np
     import weightsmith
 
     with weightsmith.Client("127.0.0.1:50051") as client:
-        model = client.create_model("mnv2", architecture="MobileNetV2",
-                                    input_shape=[96, 96, 3], classes=10, seed=0)
+        model = client.create_model(
+            "mnv2", architecture="MobileNetV2", input_shape=[96, 96, 3], classes=10, seed=0
+        )
         kernels = client.read_weights("mnv2", "*/kernel")
         print(model.revision, len(kernels))
     ```
@@ -108,7 +116,7 @@ class Client(_BaseClient):
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
     ) -> None:
-        super().__init__(
+        self._settings = ClientSettings(
             target,
             timeout=timeout,
             stream_timeout=stream_timeout,
@@ -117,27 +125,21 @@ class Client(_BaseClient):
             credentials=credentials,
             options=options,
         )
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._channel_options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=self._channel_options)
-        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
-        self._weights = weight_service_pb2_grpc.WeightServiceStub(self._channel)
-        self._training = training_service_pb2_grpc.TrainingServiceStub(self._channel)
-        self._read_weights_call = self._channel.unary_stream(
-            READ_WEIGHTS_METHOD,
-            request_serializer=weight_service_pb2.ReadWeightsRequest.SerializeToString,
-            response_deserializer=parse_read_weights_response,
-        )
-        self._write_weights_call = self._channel.stream_unary(
-            WRITE_WEIGHTS_METHOD,
-            request_serializer=serialize_write_weights_request,
-            response_deserializer=weight_service_pb2.WriteWeightsResponse.FromString,
-        )
+        self._transport = SyncTransport(self._settings)
+
+    @property
+    def target(self) -> str:
+        """The server address the client connects to."""
+        return self._settings.target
+
+    @property
+    def author(self) -> str:
+        """The `weightsmith-author` recorded on the revisions this client commits."""
+        return self._settings.author
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -149,6 +151,48 @@ class Client(_BaseClient):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    # --- the call funnel ------------------------------------------------------
+
+    def _send(self, rpc: Rpc, request: Any, *, timeout: float | EllipsisType | None = ...) -> Any:
+        """Make one call: the funnel every RPC of the client goes through.
+
+        It adds the author metadata and the deadline: `timeout` seconds
+        (None for none), or by default the client's `stream_timeout` for
+        streaming calls and its `timeout` for the others. Failures raise
+        `WeightsmithError`s. It returns the response (to await, on asyncio)
+        or, for a server stream, its responses, to iterate inside a `with`
+        block that cancels the call if the block fails.
+        """
+        deadline = self._settings.deadline(rpc) if isinstance(timeout, EllipsisType) else timeout
+        return self._transport.call(rpc, request, timeout=deadline, metadata=self._settings.metadata)
+
+    def _paginate(self, list_page: Callable[..., Any], field: str, **options: Any) -> Iterator[Any]:
+        """Yield the items of every page of a `list_*` method, following `next_page_token`."""
+        page_token = ""
+        while True:
+            page = list_page(page_token=page_token, **options)
+            yield from getattr(page, field)
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    def _upload(self, rpc: Rpc, upload: Upload, chunk_size_bytes: int) -> Any:
+        """Stream an upload: its header, then its bytes in chunks (read off the event loop on asyncio)."""
+
+        def requests() -> Iterator[Any]:
+            yield upload.header
+            file = self._transport.run_blocking(upload.open)
+            try:
+                while block := self._transport.run_blocking(file.read, chunk_size_bytes):
+                    yield upload.chunk(block)
+            finally:
+                file.close()
+
+        try:
+            return self._send(rpc, requests())
+        finally:
+            upload.close()
 
     # --- models ---------------------------------------------------------------
 
@@ -195,11 +239,12 @@ class Client(_BaseClient):
         Example:
 
         ```python
-        model = client.create_model("tiny", architecture="MobileNetV3Small",
-                                    input_shape=[64, 64, 3], classes=5, seed=1)
+        model = client.create_model(
+            "tiny", architecture="MobileNetV3Small", input_shape=[64, 64, 3], classes=5, seed=1
+        )
         ```
         """
-        request = self._create_model_request(
+        request = _requests.create_model(
             model_id,
             architecture=architecture,
             include_top=include_top,
@@ -212,9 +257,7 @@ class Client(_BaseClient):
             seed=seed,
             message=message,
         )
-        with translate_errors():
-            response = self._models.CreateModel(request, timeout=self._timeout, metadata=self._metadata)
-        return response.model
+        return self._send(_rpcs.CREATE_MODEL, request).model
 
     def upload_model(
         self,
@@ -244,24 +287,9 @@ class Client(_BaseClient):
         model = client.upload_model("classifier.keras", "classifier")
         ```
         """
-        upload = self._upload_source(source)
-        chunk_size = self._upload_chunk_size(chunk_size_bytes)
-        header = self._upload_header(model_id, upload, message)
-
-        def requests() -> Iterator[model_service_pb2.UploadModelRequest]:
-            yield header
-            if upload.path is None:
-                yield from self._upload_data_messages(upload.data, chunk_size)
-                return
-            with upload.path.open("rb") as file:
-                while block := file.read(chunk_size):
-                    yield model_service_pb2.UploadModelRequest(chunk=block)
-
-        with translate_errors():
-            response = self._models.UploadModel(
-                requests(), timeout=self._stream_timeout, metadata=self._metadata
-            )
-        return response.model
+        upload = model_upload(source, model_id, message)
+        chunk_size = self._settings.upload_chunk_size(chunk_size_bytes)
+        return self._upload(_rpcs.UPLOAD_MODEL, upload, chunk_size).model
 
     def get_model(self, model_id: str) -> model_pb2.Model:
         """Return a model's description: revision, layers, variables, device.
@@ -273,9 +301,7 @@ class Client(_BaseClient):
             The `Model`.
         """
         request = model_service_pb2.GetModelRequest(model_id=model_id)
-        with translate_errors():
-            response = self._models.GetModel(request, timeout=self._timeout, metadata=self._metadata)
-        return response.model
+        return self._send(_rpcs.GET_MODEL, request).model
 
     def list_models(
         self, *, page_size: int = 0, page_token: str = ""
@@ -290,8 +316,7 @@ class Client(_BaseClient):
             The page: `models` and `next_page_token` ("" on the last page).
         """
         request = model_service_pb2.ListModelsRequest(page_size=page_size, page_token=page_token)
-        with translate_errors():
-            return self._models.ListModels(request, timeout=self._timeout, metadata=self._metadata)
+        return self._send(_rpcs.LIST_MODELS, request)
 
     def iter_models(self, *, page_size: int = 0) -> Iterator[model_pb2.Model]:
         """Yield every model, ordered by id, fetching pages as needed.
@@ -308,13 +333,7 @@ class Client(_BaseClient):
         ids = [model.model_id for model in client.iter_models()]
         ```
         """
-        page_token = ""
-        while True:
-            page = self.list_models(page_size=page_size, page_token=page_token)
-            yield from page.models
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        yield from self._paginate(self.list_models, "models", page_size=page_size)
 
     def delete_model(self, model_id: str) -> None:
         """Delete a model and its whole history.
@@ -322,9 +341,7 @@ class Client(_BaseClient):
         Args:
             model_id: The model's id.
         """
-        request = model_service_pb2.DeleteModelRequest(model_id=model_id)
-        with translate_errors():
-            self._models.DeleteModel(request, timeout=self._timeout, metadata=self._metadata)
+        self._send(_rpcs.DELETE_MODEL, model_service_pb2.DeleteModelRequest(model_id=model_id))
 
     def export_model(
         self,
@@ -355,26 +372,27 @@ class Client(_BaseClient):
         client.export_model("tiny", path="tiny.keras")
         ```
         """
-        request = self._export_request(model_id, revision, format)
+        request = _requests.export_model(model_id, revision, format)
         receiver = ExportReceiver()
-        with translate_errors():
-            call = self._models.ExportModel(request, timeout=self._stream_timeout, metadata=self._metadata)
-            with cancel_on_error(call):
-                if path is None:
-                    parts = [receiver.add(response) for response in call]
-                    receiver.finish()
-                    return b"".join(parts)
-                destination = pathlib.Path(path)
-                partial = partial_path(destination)
+        with self._send(_rpcs.EXPORT_MODEL, request) as responses:
+            if path is None:
+                parts = [receiver.add(response) for response in responses]
+                receiver.finish()
+                return b"".join(parts)
+            destination = pathlib.Path(path)
+            partial = partial_path(destination)
+            try:
+                file = self._transport.run_blocking(partial.open, "wb")
                 try:
-                    with partial.open("wb") as file:
-                        for response in call:
-                            file.write(receiver.add(response))
-                    receiver.finish()
-                    os.replace(partial, destination)
+                    for response in responses:
+                        self._transport.run_blocking(file.write, receiver.add(response))
                 finally:
-                    partial.unlink(missing_ok=True)
-                return destination
+                    self._transport.run_blocking(file.close)
+                receiver.finish()
+                self._transport.run_blocking(os.replace, partial, destination)
+            finally:
+                self._transport.run_blocking(partial.unlink, missing_ok=True)
+            return destination
 
     def predict(
         self,
@@ -404,10 +422,8 @@ class Client(_BaseClient):
         probabilities = client.predict("tiny", batch).output
         ```
         """
-        request = self._predict_request(model_id, inputs, output_layers)
-        with translate_errors():
-            response = self._models.Predict(request, timeout=self._timeout, metadata=self._metadata)
-        return self._predict_result(response)
+        request = _requests.predict(model_id, inputs, output_layers)
+        return _requests.predict_result(self._send(_rpcs.PREDICT, request))
 
     def evaluate(
         self,
@@ -442,12 +458,13 @@ class Client(_BaseClient):
         Example:
 
         ```python
-        result = client.evaluate("tiny", "toy", loss="sparse_categorical_crossentropy",
-                                 metrics=["accuracy"], split="validation")
+        result = client.evaluate(
+            "tiny", "toy", loss="sparse_categorical_crossentropy", metrics=["accuracy"], split="validation"
+        )
         print(result.loss, result.metrics["accuracy"])
         ```
         """
-        request = self._evaluate_request(
+        request = _requests.evaluate(
             model_id,
             dataset_id,
             loss=loss,
@@ -457,14 +474,11 @@ class Client(_BaseClient):
             split=split,
             rescale=rescale,
         )
-        with translate_errors():
-            return self._models.Evaluate(request, timeout=self._timeout, metadata=self._metadata)
+        return self._send(_rpcs.EVALUATE, request)
 
     def server_info(self) -> model_service_pb2.GetServerInfoResponse:
         """Return the server's versions, devices, limits and catalog names."""
-        request = model_service_pb2.GetServerInfoRequest()
-        with translate_errors():
-            return self._models.GetServerInfo(request, timeout=self._timeout, metadata=self._metadata)
+        return self._send(_rpcs.GET_SERVER_INFO, model_service_pb2.GetServerInfoRequest())
 
     # --- weights --------------------------------------------------------------
 
@@ -502,14 +516,13 @@ class Client(_BaseClient):
         kernel = weights["predictions/kernel"]
         ```
         """
-        request = self._read_weights_request(model_id, selector, revision, chunk_size_bytes)
+        request = _requests.read_weights(model_id, selector, revision, chunk_size_bytes)
         reader = WeightsReader(out)
-        with translate_errors():
-            call = self._read_weights_call(request, timeout=self._stream_timeout, metadata=self._metadata)
-            with cancel_on_error(call):
-                for message in call:
-                    reader.add(message)
-        return reader.finish()
+        with self._send(_rpcs.READ_WEIGHTS, request) as responses:
+            for message in responses:
+                reader.add(message)
+        # Queued behind the chunk copies, so it waits for none of them.
+        return self._transport.run_blocking(reader.finish, executor=COPIER)
 
     def write_weights(
         self,
@@ -520,7 +533,7 @@ class Client(_BaseClient):
         message: str = "",
         allow_non_finite: bool = False,
         chunk_size_bytes: int = 0,
-    ) -> weight_service_pb2.Revision:
+    ) -> revision_pb2.Revision:
         """Overwrite variables, committed atomically as one new revision.
 
         Each array must have its variable's exact shape and dtype. Nothing
@@ -547,7 +560,7 @@ class Client(_BaseClient):
         revision = client.write_weights("tiny", weights, message="halve the head")
         ```
         """
-        requests = self._write_weights_messages(
+        requests = write_weights_messages(
             model_id,
             weights,
             expected_revision=expected_revision,
@@ -555,11 +568,7 @@ class Client(_BaseClient):
             allow_non_finite=allow_non_finite,
             chunk_size_bytes=chunk_size_bytes,
         )
-        with translate_errors():
-            response = self._write_weights_call(
-                requests, timeout=self._stream_timeout, metadata=self._metadata
-            )
-        return response.revision
+        return self._send(_rpcs.WRITE_WEIGHTS, requests).revision
 
     # --- revisions ------------------------------------------------------------
 
@@ -579,10 +588,9 @@ class Client(_BaseClient):
         request = weight_service_pb2.ListRevisionsRequest(
             model_id=model_id, page_size=page_size, page_token=page_token
         )
-        with translate_errors():
-            return self._weights.ListRevisions(request, timeout=self._timeout, metadata=self._metadata)
+        return self._send(_rpcs.LIST_REVISIONS, request)
 
-    def iter_revisions(self, model_id: str, *, page_size: int = 0) -> Iterator[weight_service_pb2.Revision]:
+    def iter_revisions(self, model_id: str, *, page_size: int = 0) -> Iterator[revision_pb2.Revision]:
         """Yield every revision of a model, newest first, fetching pages as needed.
 
         Args:
@@ -592,15 +600,10 @@ class Client(_BaseClient):
         Returns:
             An iterator of `Revision`s.
         """
-        page_token = ""
-        while True:
-            page = self.list_revisions(model_id, page_size=page_size, page_token=page_token)
-            yield from page.revisions
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        pages = self._paginate(self.list_revisions, "revisions", model_id=model_id, page_size=page_size)
+        yield from pages
 
-    def get_revision(self, model_id: str, revision: int) -> weight_service_pb2.Revision:
+    def get_revision(self, model_id: str, revision: int) -> revision_pb2.Revision:
         """Return one revision of a model.
 
         Args:
@@ -611,9 +614,7 @@ class Client(_BaseClient):
             The `Revision`.
         """
         request = weight_service_pb2.GetRevisionRequest(model_id=model_id, revision=revision)
-        with translate_errors():
-            response = self._weights.GetRevision(request, timeout=self._timeout, metadata=self._metadata)
-        return response.revision
+        return self._send(_rpcs.GET_REVISION, request).revision
 
     # --- edits ----------------------------------------------------------------
 
@@ -658,11 +659,10 @@ class Client(_BaseClient):
         print(response.revision.revision, [r.elements_changed for r in response.results])
         ```
         """
-        request = self._apply_edits_request(
+        request = _requests.apply_edits(
             model_id, edits, expected_revision=expected_revision, message=message, dry_run=dry_run
         )
-        with translate_errors():
-            return self._weights.ApplyEdits(request, timeout=self._timeout, metadata=self._metadata)
+        return self._send(_rpcs.APPLY_EDITS, request)
 
     def diff_revisions(
         self, model_id: str, from_revision: int, to_revision: int = 0
@@ -687,9 +687,8 @@ class Client(_BaseClient):
             print(variable.path, variable.delta_l2, variable.fraction_changed)
         ```
         """
-        request = self._diff_revisions_request(model_id, from_revision, to_revision)
-        with translate_errors():
-            return self._weights.DiffRevisions(request, timeout=self._timeout, metadata=self._metadata)
+        request = _requests.diff_revisions(model_id, from_revision, to_revision)
+        return self._send(_rpcs.DIFF_REVISIONS, request)
 
     def revert_model(
         self,
@@ -698,7 +697,7 @@ class Client(_BaseClient):
         *,
         expected_revision: int | None = None,
         message: str = "",
-    ) -> weight_service_pb2.Revision:
+    ) -> revision_pb2.Revision:
         """Restore an earlier revision's weights and architecture as a new revision.
 
         History is never rewritten: the restored state is committed on top.
@@ -719,12 +718,10 @@ class Client(_BaseClient):
         revision = client.revert_model("tiny", 1, message="undo the pruning")
         ```
         """
-        request = self._revert_model_request(
+        request = _requests.revert_model(
             model_id, to_revision, expected_revision=expected_revision, message=message
         )
-        with translate_errors():
-            response = self._weights.RevertModel(request, timeout=self._timeout, metadata=self._metadata)
-        return response.revision
+        return self._send(_rpcs.REVERT_MODEL, request).revision
 
     # --- datasets -------------------------------------------------------------
 
@@ -739,7 +736,7 @@ class Client(_BaseClient):
         image_size: Sequence[int] | None = None,
         channels: int = 3,
         chunk_size_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
-    ) -> training_service_pb2.Dataset:
+    ) -> dataset_pb2.Dataset:
         """Upload a dataset for training jobs and `evaluate`.
 
         The server validates it completely before acknowledging it; nothing
@@ -782,8 +779,9 @@ class Client(_BaseClient):
         flowers = client.upload_dataset("flower_photos/", "flowers", image_size=(96, 96))
         ```
         """
-        chunk_size = self._upload_chunk_size(chunk_size_bytes)
-        upload = self._dataset_upload(
+        chunk_size = self._settings.upload_chunk_size(chunk_size_bytes)
+        upload = self._transport.run_blocking(
+            dataset_upload,
             source,
             dataset_id,
             format=format,
@@ -792,14 +790,7 @@ class Client(_BaseClient):
             image_size=image_size,
             channels=channels,
         )
-        try:
-            with translate_errors():
-                response = self._training.UploadDataset(
-                    upload.messages(chunk_size), timeout=self._stream_timeout, metadata=self._metadata
-                )
-        finally:
-            upload.close()
-        return response.dataset
+        return self._upload(_rpcs.UPLOAD_DATASET, upload, chunk_size).dataset
 
     def create_dataset(
         self,
@@ -811,7 +802,7 @@ class Client(_BaseClient):
         tfrecord_labels: FeatureSpecLike | None = None,
         image_size: Sequence[int] | None = None,
         channels: int = 3,
-    ) -> training_service_pb2.Dataset:
+    ) -> dataset_pb2.Dataset:
         """Register a dataset from a file the server reads itself, without uploading it.
 
         Args:
@@ -840,7 +831,7 @@ class Client(_BaseClient):
         )
         ```
         """
-        request = self._create_dataset_request(
+        request = _requests.create_dataset(
             uri,
             dataset_id,
             format=format,
@@ -849,11 +840,9 @@ class Client(_BaseClient):
             image_size=image_size,
             channels=channels,
         )
-        with translate_errors():
-            response = self._training.CreateDataset(request, timeout=self._timeout, metadata=self._metadata)
-        return response.dataset
+        return self._send(_rpcs.CREATE_DATASET, request).dataset
 
-    def get_dataset(self, dataset_id: str) -> training_service_pb2.Dataset:
+    def get_dataset(self, dataset_id: str) -> dataset_pb2.Dataset:
         """Return a dataset's description.
 
         Args:
@@ -863,9 +852,7 @@ class Client(_BaseClient):
             The `Dataset`.
         """
         request = training_service_pb2.GetDatasetRequest(dataset_id=dataset_id)
-        with translate_errors():
-            response = self._training.GetDataset(request, timeout=self._timeout, metadata=self._metadata)
-        return response.dataset
+        return self._send(_rpcs.GET_DATASET, request).dataset
 
     def list_datasets(
         self, *, page_size: int = 0, page_token: str = ""
@@ -880,10 +867,9 @@ class Client(_BaseClient):
             The page: `datasets` and `next_page_token` ("" on the last page).
         """
         request = training_service_pb2.ListDatasetsRequest(page_size=page_size, page_token=page_token)
-        with translate_errors():
-            return self._training.ListDatasets(request, timeout=self._timeout, metadata=self._metadata)
+        return self._send(_rpcs.LIST_DATASETS, request)
 
-    def iter_datasets(self, *, page_size: int = 0) -> Iterator[training_service_pb2.Dataset]:
+    def iter_datasets(self, *, page_size: int = 0) -> Iterator[dataset_pb2.Dataset]:
         """Yield every dataset, ordered by id, fetching pages as needed.
 
         Args:
@@ -898,13 +884,7 @@ class Client(_BaseClient):
         ids = [dataset.dataset_id for dataset in client.iter_datasets()]
         ```
         """
-        page_token = ""
-        while True:
-            page = self.list_datasets(page_size=page_size, page_token=page_token)
-            yield from page.datasets
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        yield from self._paginate(self.list_datasets, "datasets", page_size=page_size)
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Delete a dataset; `FailedPreconditionError` while a queued or running job uses it.
@@ -913,12 +893,11 @@ class Client(_BaseClient):
             dataset_id: The dataset's id.
         """
         request = training_service_pb2.DeleteDatasetRequest(dataset_id=dataset_id)
-        with translate_errors():
-            self._training.DeleteDataset(request, timeout=self._timeout, metadata=self._metadata)
+        self._send(_rpcs.DELETE_DATASET, request)
 
     # --- jobs -----------------------------------------------------------------
 
-    def create_job(self, spec: training_service_pb2.JobSpec, job_id: str = "") -> training_service_pb2.Job:
+    def create_job(self, spec: job_pb2.JobSpec, job_id: str = "") -> job_pb2.Job:
         """Validate a fine-tuning job completely and queue it.
 
         The job trains a working copy of the model, so `predict` and
@@ -938,17 +917,14 @@ class Client(_BaseClient):
         ```python
         from weightsmith import jobs
 
-        job = client.create_job(jobs.spec("tiny", "toy", epochs=2, batch_size=32,
-                                          optimizer=jobs.adam(1e-3),
-                                          loss="sparse_categorical_crossentropy"))
+        spec = jobs.spec("tiny", "toy", epochs=2, batch_size=32, optimizer=jobs.adam(1e-3),
+                         loss="sparse_categorical_crossentropy")
+        job = client.create_job(spec)
         ```
         """
-        request = self._create_job_request(spec, job_id)
-        with translate_errors():
-            response = self._training.CreateJob(request, timeout=self._timeout, metadata=self._metadata)
-        return response.job
+        return self._send(_rpcs.CREATE_JOB, _requests.create_job(spec, job_id)).job
 
-    def get_job(self, job_id: str) -> training_service_pb2.Job:
+    def get_job(self, job_id: str) -> job_pb2.Job:
         """Return a job: its state, progress and result.
 
         Args:
@@ -958,9 +934,7 @@ class Client(_BaseClient):
             The `Job`.
         """
         request = training_service_pb2.GetJobRequest(job_id=job_id)
-        with translate_errors():
-            response = self._training.GetJob(request, timeout=self._timeout, metadata=self._metadata)
-        return response.job
+        return self._send(_rpcs.GET_JOB, request).job
 
     def list_jobs(self, *, page_size: int = 0, page_token: str = "") -> training_service_pb2.ListJobsResponse:
         """Return one page of jobs, newest first.
@@ -973,10 +947,9 @@ class Client(_BaseClient):
             The page: `jobs` and `next_page_token` ("" on the last page).
         """
         request = training_service_pb2.ListJobsRequest(page_size=page_size, page_token=page_token)
-        with translate_errors():
-            return self._training.ListJobs(request, timeout=self._timeout, metadata=self._metadata)
+        return self._send(_rpcs.LIST_JOBS, request)
 
-    def iter_jobs(self, *, page_size: int = 0) -> Iterator[training_service_pb2.Job]:
+    def iter_jobs(self, *, page_size: int = 0) -> Iterator[job_pb2.Job]:
         """Yield every job, newest first, fetching pages as needed.
 
         Args:
@@ -989,18 +962,12 @@ class Client(_BaseClient):
 
         ```python
         running = [job.job_id for job in client.iter_jobs()
-                   if job.state == training_service_pb2.JOB_STATE_RUNNING]
+                   if job.state == job_pb2.JOB_STATE_RUNNING]
         ```
         """
-        page_token = ""
-        while True:
-            page = self.list_jobs(page_size=page_size, page_token=page_token)
-            yield from page.jobs
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        yield from self._paginate(self.list_jobs, "jobs", page_size=page_size)
 
-    def cancel_job(self, job_id: str) -> training_service_pb2.Job:
+    def cancel_job(self, job_id: str) -> job_pb2.Job:
         """Cancel a queued or running job; it commits nothing.
 
         Args:
@@ -1011,9 +978,7 @@ class Client(_BaseClient):
             interval), so `wait_job` may be needed to see the final state.
         """
         request = training_service_pb2.CancelJobRequest(job_id=job_id)
-        with translate_errors():
-            response = self._training.CancelJob(request, timeout=self._timeout, metadata=self._metadata)
-        return response.job
+        return self._send(_rpcs.CANCEL_JOB, request).job
 
     def list_job_events(
         self, job_id: str, *, after_sequence: int = 0, page_size: int = 0, page_token: str = ""
@@ -1030,9 +995,8 @@ class Client(_BaseClient):
             The page: `events` and `next_page_token` (not empty while there
             may be more, also while the job runs).
         """
-        request = self._list_job_events_request(job_id, after_sequence, page_size, page_token)
-        with translate_errors():
-            return self._training.ListJobEvents(request, timeout=self._timeout, metadata=self._metadata)
+        request = _requests.list_job_events(job_id, after_sequence, page_size, page_token)
+        return self._send(_rpcs.LIST_JOB_EVENTS, request)
 
     def watch_job(
         self,
@@ -1041,7 +1005,7 @@ class Client(_BaseClient):
         after_sequence: int = 0,
         reconnect: bool = True,
         max_reconnects: int = DEFAULT_MAX_RECONNECTS,
-    ) -> Iterator[training_service_pb2.JobEvent]:
+    ) -> Iterator[job_pb2.JobEvent]:
         """Yield a job's events in sequence order, live, until the job ends.
 
         Events already stored are replayed first. When the stream fails
@@ -1071,31 +1035,33 @@ class Client(_BaseClient):
                 print(event.epoch_ended.epoch, dict(event.epoch_ended.validation_metrics))
         ```
         """
-        watch = self._job_watch(
-            job_id, after_sequence=after_sequence, reconnect=reconnect, max_reconnects=max_reconnects
+        watch = JobWatch(
+            job_id,
+            after_sequence=after_sequence,
+            reconnect=reconnect,
+            max_reconnects=max_reconnects,
+            stream_timeout=self._settings.stream_timeout,
         )
         yield from self._watch(watch)
 
-    def _watch(self, watch: JobWatch) -> Iterator[training_service_pb2.JobEvent]:
-        with translate_errors():
-            while True:
-                call = self._training.WatchJob(
-                    watch.request(), timeout=watch.call_timeout(), metadata=self._metadata
-                )
-                try:
-                    with cancel_on_error(call):
-                        for response in call:
-                            if watch.accept(response.event):
-                                yield response.event
-                    return
-                except grpc.RpcError as exc:
-                    delay = watch.reconnect_delay(exc)
-                    if delay is None:
-                        raise
-                time.sleep(delay)
+    def _watch(self, watch: JobWatch) -> Iterator[job_pb2.JobEvent]:
+        """Yield a job's new events, reconnecting after connection failures as `watch` decides."""
+        while True:
+            try:
+                call = self._send(_rpcs.WATCH_JOB, watch.request(), timeout=watch.call_timeout())
+                with call as responses:
+                    for response in responses:
+                        if watch.accept(response.event):
+                            yield response.event
+                return
+            except WeightsmithError as exc:
+                delay = watch.reconnect_delay(exc)
+                if delay is None:
+                    raise
+            self._transport.sleep(delay)
 
-    def wait_job(self, job_id: str, *, timeout: float | None = None) -> training_service_pb2.Job:
-        """Block until a job has ended and return it.
+    def wait_job(self, job_id: str, *, timeout: float | None = None) -> job_pb2.Job:
+        """Wait until a job has ended and return it.
 
         Watches the job's events (reconnecting like `watch_job`), then
         fetches the final `Job`. A failed or cancelled job is returned, not
@@ -1116,11 +1082,11 @@ class Client(_BaseClient):
 
         ```python
         job = client.wait_job(job.job_id, timeout=3600)
-        if job.state == training_service_pb2.JOB_STATE_SUCCEEDED:
+        if job.state == job_pb2.JOB_STATE_SUCCEEDED:
             print("committed revision", job.result_revision)
         ```
         """
-        watch = self._job_watch(job_id, timeout=timeout)
+        watch = JobWatch(job_id, stream_timeout=self._settings.stream_timeout, timeout=timeout)
         job = self.get_job(job_id)
         if job.state in TERMINAL_JOB_STATES:
             return job

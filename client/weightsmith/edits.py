@@ -32,16 +32,16 @@ with weightsmith.Client("127.0.0.1:50051") as client:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from google.protobuf import struct_pb2
 
-from weightsmith import _wire
-from weightsmith._types import SelectorLike, selector_to_proto
-from weightsmith.v1 import edits_pb2, selector_pb2
+from weightsmith import _checks, wire
+from weightsmith._checks import INT64_MAX
+from weightsmith._types import SelectorLike, required_selector, selector_to_proto
+from weightsmith.v1 import edits_pb2
 
 __all__ = [
     "add",
@@ -62,74 +62,7 @@ __all__ = [
     "unfreeze",
 ]
 
-_PRUNE_SCOPES = {
-    "per_tensor": edits_pb2.PRUNE_SCOPE_PER_TENSOR,
-    "global": edits_pb2.PRUNE_SCOPE_GLOBAL,
-}
-_PRUNE_GRANULARITIES = {
-    "element": edits_pb2.PRUNE_GRANULARITY_ELEMENT,
-    "output_channel": edits_pb2.PRUNE_GRANULARITY_OUTPUT_CHANNEL,
-}
-_PRUNE_NORMS = {
-    "l1": edits_pb2.PRUNE_NORM_L1,
-    "l2": edits_pb2.PRUNE_NORM_L2,
-}
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-# --- argument checks ----------------------------------------------------------
-
-
-def _selector(selector: SelectorLike) -> selector_pb2.VariableSelector:
-    if selector is None:
-        raise TypeError(
-            "Received selector=None, expected a Selector, a glob string or a list of glob "
-            "strings; pass `weightsmith.Selector()` to select every variable."
-        )
-    proto = selector_to_proto(selector)
-    assert proto is not None
-    return proto
-
-
-def _number(name: str, value: float) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"Received a non-numeric `{name}`, expected a float. Received: {name}={value!r}")
-    if not math.isfinite(value):
-        raise ValueError(
-            f"Received a non-finite `{name}`, expected a finite number. Received: {name}={value}"
-        )
-    return float(value)
-
-
-def _integer(name: str, value: int, minimum: int, maximum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"Received a non-integer `{name}`, expected an int. Received: {name}={value!r}")
-    if not minimum <= value <= maximum:
-        raise ValueError(
-            f"Received an invalid `{name}`, expected {minimum} to {maximum}. Received: {name}={value}"
-        )
-    return int(value)
-
-
-def _seed(seed: int | None) -> int | None:
-    return None if seed is None else _integer("seed", seed, _INT64_MIN, _INT64_MAX)
-
-
-def _name(name: str, value: str, example: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(
-            f"Received an invalid `{name}`, expected a non-empty string such as {example!r}. "
-            f"Received: {name}={value!r}"
-        )
-    return value
-
-
-def _choice(name: str, value: str, choices: Mapping[str, int]) -> int:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(
-            f"Received an invalid `{name}`, expected one of {sorted(choices)}. Received: {name}={value!r}"
-        )
-    return choices[value]
+# --- helpers ----------------------------------------------------------------
 
 
 def _json_value(value: Any, where: str) -> Any:
@@ -187,12 +120,12 @@ def assign(variable: str, value: np.ndarray, *, begin: Sequence[int] | None = No
     """
     array = np.asarray(value)
     try:
-        tensor = _wire.tensor_to_proto(array)
+        tensor = wire.tensor_to_proto(array)
     except ValueError as exc:
         raise ValueError(f"Received an unsupported array for `value`: {exc}") from None
-    op = edits_pb2.AssignOp(variable=_name("variable", variable, "dense/kernel"), value=tensor)
+    op = edits_pb2.AssignOp(variable=_checks.name("variable", variable, "dense/kernel"), value=tensor)
     if begin is not None:
-        offsets = [_integer(f"begin[{i}]", b, 0, _INT64_MAX) for i, b in enumerate(begin)]
+        offsets = [_checks.integer(f"begin[{i}]", b, 0, INT64_MAX) for i, b in enumerate(begin)]
         if len(offsets) != array.ndim:
             raise ValueError(
                 f"Received {len(offsets)} offsets in `begin`, expected one per dimension of "
@@ -219,7 +152,7 @@ def scale(selector: SelectorLike, factor: float) -> edits_pb2.Edit:
     ```
     """
     return edits_pb2.Edit(
-        scale=edits_pb2.ScaleOp(selector=_selector(selector), factor=_number("factor", factor))
+        scale=edits_pb2.ScaleOp(selector=required_selector(selector), factor=_checks.number("factor", factor))
     )
 
 
@@ -239,7 +172,9 @@ def add(selector: SelectorLike, value: float) -> edits_pb2.Edit:
     edit = edits.add(weightsmith.Selector(kinds="bias"), 0.01)
     ```
     """
-    return edits_pb2.Edit(add=edits_pb2.AddOp(selector=_selector(selector), value=_number("value", value)))
+    return edits_pb2.Edit(
+        add=edits_pb2.AddOp(selector=required_selector(selector), value=_checks.number("value", value))
+    )
 
 
 def add_noise(
@@ -263,12 +198,14 @@ def add_noise(
     edit = edits.add_noise("*/kernel", stddev=1e-3, seed=0)
     ```
     """
-    stddev = _number("stddev", stddev)
+    stddev = _checks.number("stddev", stddev)
     if stddev < 0:
         raise ValueError(f"Received a negative `stddev`, expected at least 0. Received: stddev={stddev}")
-    op = edits_pb2.AddNoiseOp(selector=_selector(selector), mean=_number("mean", mean), stddev=stddev)
+    op = edits_pb2.AddNoiseOp(
+        selector=required_selector(selector), mean=_checks.number("mean", mean), stddev=stddev
+    )
     if seed is not None:
-        op.seed = _seed(seed)
+        op.seed = _checks.seed(seed)
     return edits_pb2.Edit(add_noise=op)
 
 
@@ -291,11 +228,11 @@ def clip(selector: SelectorLike, *, min: float | None = None, max: float | None 
     """
     if min is None and max is None:
         raise ValueError("Received neither `min` nor `max`, expected at least one bound to clip to.")
-    op = edits_pb2.ClipOp(selector=_selector(selector))
+    op = edits_pb2.ClipOp(selector=required_selector(selector))
     if min is not None:
-        op.min = _number("min", min)
+        op.min = _checks.number("min", min)
     if max is not None:
-        op.max = _number("max", max)
+        op.max = _checks.number("max", max)
     if min is not None and max is not None and op.min > op.max:
         raise ValueError(f"Received `min` above `max`, expected min <= max. Received: min={min}, max={max}")
     return edits_pb2.Edit(clip=op)
@@ -326,12 +263,12 @@ def reinitialize(
     ```
     """
     op = edits_pb2.ReinitializeOp(
-        selector=_selector(selector),
-        initializer=_name("initializer", initializer, "glorot_uniform"),
+        selector=required_selector(selector),
+        initializer=_checks.name("initializer", initializer, "glorot_uniform"),
         config=_struct(config, "the initializer config"),
     )
     if seed is not None:
-        op.seed = _seed(seed)
+        op.seed = _checks.seed(seed)
     return edits_pb2.Edit(reinitialize=op)
 
 
@@ -354,7 +291,9 @@ def set_trainable(selector: SelectorLike, trainable: bool) -> edits_pb2.Edit:
     if not isinstance(trainable, (bool, np.bool_)):
         raise TypeError(f"Received a non-bool `trainable`, expected True or False. Received: {trainable!r}")
     return edits_pb2.Edit(
-        set_trainable=edits_pb2.SetTrainableOp(selector=_selector(selector), trainable=bool(trainable))
+        set_trainable=edits_pb2.SetTrainableOp(
+            selector=required_selector(selector), trainable=bool(trainable)
+        )
     )
 
 
@@ -425,18 +364,18 @@ def prune(
     edit = edits.prune("*/kernel", 0.5, scope="global")
     ```
     """
-    sparsity = _number("sparsity", sparsity)
+    sparsity = _checks.number("sparsity", sparsity)
     if not 0 <= sparsity < 1:
         raise ValueError(
             f"Received an invalid `sparsity`, expected a fraction in [0, 1). Received: sparsity={sparsity}"
         )
     return edits_pb2.Edit(
         prune=edits_pb2.PruneOp(
-            selector=_selector(selector),
+            selector=required_selector(selector),
             sparsity=sparsity,
-            scope=_choice("scope", scope, _PRUNE_SCOPES),
-            granularity=_choice("granularity", granularity, _PRUNE_GRANULARITIES),
-            norm=_choice("norm", norm, _PRUNE_NORMS),
+            scope=_checks.enum_choice("scope", scope, edits_pb2.PruneScope),
+            granularity=_checks.enum_choice("granularity", granularity, edits_pb2.PruneGranularity),
+            norm=_checks.enum_choice("norm", norm, edits_pb2.PruneNorm),
         )
     )
 
@@ -468,7 +407,9 @@ def quantize(selector: SelectorLike, *, bits: int = 8, per_channel: bool = True)
     )
     return edits_pb2.Edit(
         quantize=edits_pb2.QuantizeOp(
-            selector=_selector(selector), bits=_integer("bits", bits, 2, 16), granularity=granularity
+            selector=required_selector(selector),
+            bits=_checks.integer("bits", bits, 2, 16),
+            granularity=granularity,
         )
     )
 
@@ -503,9 +444,9 @@ def interpolate(
     return edits_pb2.Edit(
         interpolate=edits_pb2.InterpolateOp(
             selector=selector_to_proto(selector),
-            other_model_id=_name("other_model_id", other_model_id, "tiny-finetuned"),
-            alpha=_number("alpha", alpha),
-            other_revision=_integer("other_revision", other_revision, 0, _INT64_MAX),
+            other_model_id=_checks.name("other_model_id", other_model_id, "tiny-finetuned"),
+            alpha=_checks.number("alpha", alpha),
+            other_revision=_checks.integer("other_revision", other_revision, 0, INT64_MAX),
         )
     )
 
@@ -537,9 +478,9 @@ def task_vector(
     return edits_pb2.Edit(
         task_vector=edits_pb2.TaskVectorOp(
             selector=selector_to_proto(selector),
-            base_model_id=_name("base_model_id", base_model_id, "base"),
-            tuned_model_id=_name("tuned_model_id", tuned_model_id, "base-task-a"),
-            scale=_number("scale", scale),
+            base_model_id=_checks.name("base_model_id", base_model_id, "base"),
+            tuned_model_id=_checks.name("tuned_model_id", tuned_model_id, "base-task-a"),
+            scale=_checks.number("scale", scale),
         )
     )
 
@@ -567,8 +508,8 @@ def copy_from(
     return edits_pb2.Edit(
         copy_from=edits_pb2.CopyFromOp(
             selector=selector_to_proto(selector),
-            source_model_id=_name("source_model_id", source_model_id, "teacher"),
-            source_revision=_integer("source_revision", source_revision, 0, _INT64_MAX),
+            source_model_id=_checks.name("source_model_id", source_model_id, "teacher"),
+            source_revision=_checks.integer("source_revision", source_revision, 0, INT64_MAX),
         )
     )
 
@@ -596,7 +537,7 @@ def layer(class_name: str, **config: Any) -> edits_pb2.LayerSpec:
     ```
     """
     return edits_pb2.LayerSpec(
-        class_name=_name("class_name", class_name, "Dense"),
+        class_name=_checks.name("class_name", class_name, "Dense"),
         config=_struct(config, f"the {class_name} config"),
     )
 
@@ -638,7 +579,9 @@ def replace_head(
                 f"Received an invalid `layers[{i}]`, expected a LayerSpec built with `edits.layer(...)`. "
                 f"Received: {spec!r}"
             )
-    op = edits_pb2.ReplaceHeadOp(cut_at_layer=_name("cut_at_layer", cut_at_layer, "avg_pool"), layers=specs)
+    op = edits_pb2.ReplaceHeadOp(
+        cut_at_layer=_checks.name("cut_at_layer", cut_at_layer, "avg_pool"), layers=specs
+    )
     if seed is not None:
-        op.seed = _seed(seed)
+        op.seed = _checks.seed(seed)
     return edits_pb2.Edit(replace_head=op)

@@ -26,6 +26,10 @@ hierarchy::
         ├── DataLossError            DATA_LOSS
         └── UnauthenticatedError     UNAUTHENTICATED
 
+`reason` is the name of a `weightsmith.ErrorReason` value (the enum of
+`protos/weightsmith/v1/error_reason.proto`, exported by the package), which
+documents when the server sends each reason, with which code and field.
+
 `CancelledError` is weightsmith's, not `asyncio.CancelledError`: it means the
 RPC was cancelled, and it derives from `Exception` like the others.
 """

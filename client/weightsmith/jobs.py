@@ -1,6 +1,6 @@
 """Typed builders of fine-tuning job messages, for `create_job`.
 
-`spec` builds the `training_service_pb2.JobSpec` a job runs; the optimizer
+`spec` builds the `job_pb2.JobSpec` a job runs; the optimizer
 builders (`adam`, `adamw`, `sgd`, `rmsprop`) take a constant learning rate or
 a schedule (`exponential_decay`, `cosine_decay`, `piecewise_constant`);
 `early_stopping` and `preprocessing` build the optional parts. Selectors for
@@ -47,9 +47,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from weightsmith._types import SelectorLike, _strings, selector_to_proto
-from weightsmith.edits import _choice, _integer, _number
-from weightsmith.v1 import training_service_pb2
+from weightsmith import _checks
+from weightsmith._checks import INT32_MAX, INT64_MAX, INT64_MIN
+from weightsmith._types import SelectorLike, selector_to_proto
+from weightsmith.v1 import job_pb2
 
 __all__ = [
     "adam",
@@ -64,39 +65,21 @@ __all__ = [
     "spec",
 ]
 
-_INT32_MAX = 2**31 - 1
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_RANDOM_FLIPS = {"": 0, "horizontal": 1, "vertical": 2, "horizontal_and_vertical": 3}
+_RANDOM_FLIPS = {
+    "": job_pb2.RANDOM_FLIP_UNSPECIFIED,
+    "horizontal": job_pb2.RANDOM_FLIP_HORIZONTAL,
+    "vertical": job_pb2.RANDOM_FLIP_VERTICAL,
+    "horizontal_and_vertical": job_pb2.RANDOM_FLIP_HORIZONTAL_AND_VERTICAL,
+}
 
-LearningRateLike = float | training_service_pb2.LearningRate
-
-
-# --- argument checks ----------------------------------------------------------
-
-
-def _positive(name: str, value: float) -> float:
-    number = _number(name, value)
-    if not number > 0:
-        raise ValueError(f"Received an invalid `{name}`, expected a number above 0. Received: {name}={value}")
-    return number
+LearningRateLike = float | job_pb2.LearningRate
 
 
-def _between(name: str, value: float, low: float, high: float) -> float:
-    number = _number(name, value)
-    if not low <= number <= high:
-        raise ValueError(f"Received an invalid `{name}`, expected {low} to {high}. Received: {name}={value}")
-    return number
+# --- helpers ----------------------------------------------------------------
 
 
-def _id(name: str, value: str, *, required: bool) -> str:
-    if not isinstance(value, str) or (required and not value):
-        expected = "a non-empty id string" if required else "an id string, or '' for none"
-        raise ValueError(f"Received an invalid `{name}`, expected {expected}. Received: {name}={value!r}")
-    return value
-
-
-def _learning_rate(learning_rate: LearningRateLike) -> training_service_pb2.LearningRate:
-    if isinstance(learning_rate, training_service_pb2.LearningRate):
+def _learning_rate(learning_rate: LearningRateLike) -> job_pb2.LearningRate:
+    if isinstance(learning_rate, job_pb2.LearningRate):
         if learning_rate.WhichOneof("rate") is None:
             raise ValueError(
                 "Received an empty `LearningRate`, expected a constant or a schedule such as "
@@ -111,15 +94,7 @@ def _learning_rate(learning_rate: LearningRateLike) -> training_service_pb2.Lear
             f"`jobs.exponential_decay`, `jobs.cosine_decay` or `jobs.piecewise_constant`. "
             f"Received: {learning_rate!r}"
         )
-    return training_service_pb2.LearningRate(constant=_positive("learning_rate", learning_rate))
-
-
-def _message(name: str, value: object, cls: type, builder: str) -> None:
-    if not isinstance(value, cls):
-        raise TypeError(
-            f"Received an invalid `{name}`, expected a `{cls.__name__}` built with `jobs.{builder}`. "
-            f"Received: {type(value).__name__}"
-        )
+    return job_pb2.LearningRate(constant=_checks.positive("learning_rate", learning_rate))
 
 
 # --- learning rates -------------------------------------------------------------
@@ -127,7 +102,7 @@ def _message(name: str, value: object, cls: type, builder: str) -> None:
 
 def exponential_decay(
     initial_learning_rate: float, decay_steps: int, decay_rate: float, *, staircase: bool = False
-) -> training_service_pb2.LearningRate:
+) -> job_pb2.LearningRate:
     """An exponentially decaying rate: `initial * decay_rate ^ (step / decay_steps)`.
 
     Args:
@@ -145,11 +120,11 @@ def exponential_decay(
     optimizer = jobs.sgd(jobs.exponential_decay(0.1, decay_steps=1000, decay_rate=0.5), momentum=0.9)
     ```
     """
-    return training_service_pb2.LearningRate(
-        exponential_decay=training_service_pb2.ExponentialDecay(
-            initial_learning_rate=_positive("initial_learning_rate", initial_learning_rate),
-            decay_steps=_integer("decay_steps", decay_steps, 1, _INT64_MAX),
-            decay_rate=_positive("decay_rate", decay_rate),
+    return job_pb2.LearningRate(
+        exponential_decay=job_pb2.ExponentialDecay(
+            initial_learning_rate=_checks.positive("initial_learning_rate", initial_learning_rate),
+            decay_steps=_checks.integer("decay_steps", decay_steps, 1, INT64_MAX),
+            decay_rate=_checks.positive("decay_rate", decay_rate),
             staircase=bool(staircase),
         )
     )
@@ -162,7 +137,7 @@ def cosine_decay(
     alpha: float = 0.0,
     warmup_steps: int = 0,
     warmup_from: float = 0.0,
-) -> training_service_pb2.LearningRate:
+) -> job_pb2.LearningRate:
     """A cosine decay with an optional linear warmup.
 
     Args:
@@ -182,25 +157,23 @@ def cosine_decay(
     optimizer = jobs.adamw(jobs.cosine_decay(3e-4, decay_steps=5000, warmup_steps=200))
     ```
     """
-    warmup_from = _number("warmup_from", warmup_from)
+    warmup_from = _checks.number("warmup_from", warmup_from)
     if warmup_from < 0:
         raise ValueError(
             f"Received a negative `warmup_from`, expected at least 0. Received: warmup_from={warmup_from}"
         )
-    return training_service_pb2.LearningRate(
-        cosine_decay=training_service_pb2.CosineDecay(
-            initial_learning_rate=_positive("initial_learning_rate", initial_learning_rate),
-            decay_steps=_integer("decay_steps", decay_steps, 1, _INT64_MAX),
-            alpha=_between("alpha", alpha, 0.0, 1.0),
-            warmup_steps=_integer("warmup_steps", warmup_steps, 0, _INT64_MAX),
+    return job_pb2.LearningRate(
+        cosine_decay=job_pb2.CosineDecay(
+            initial_learning_rate=_checks.positive("initial_learning_rate", initial_learning_rate),
+            decay_steps=_checks.integer("decay_steps", decay_steps, 1, INT64_MAX),
+            alpha=_checks.between("alpha", alpha, 0.0, 1.0),
+            warmup_steps=_checks.integer("warmup_steps", warmup_steps, 0, INT64_MAX),
             warmup_from=warmup_from,
         )
     )
 
 
-def piecewise_constant(
-    boundaries: Sequence[int], values: Sequence[float]
-) -> training_service_pb2.LearningRate:
+def piecewise_constant(boundaries: Sequence[int], values: Sequence[float]) -> job_pb2.LearningRate:
     """Constant rates between step boundaries: `values[i]` until `boundaries[i]`.
 
     Args:
@@ -216,8 +189,8 @@ def piecewise_constant(
     rate = jobs.piecewise_constant([1000, 2000], [1e-3, 1e-4, 1e-5])
     ```
     """
-    steps = [_integer(f"boundaries[{i}]", b, 0, _INT64_MAX) for i, b in enumerate(boundaries)]
-    rates = [_positive(f"values[{i}]", v) for i, v in enumerate(values)]
+    steps = [_checks.integer(f"boundaries[{i}]", b, 0, INT64_MAX) for i, b in enumerate(boundaries)]
+    rates = [_checks.positive(f"values[{i}]", v) for i, v in enumerate(values)]
     if any(a >= b for a, b in itertools.pairwise(steps)):
         raise ValueError(
             f"Received `boundaries` that do not increase, expected strictly increasing steps. "
@@ -228,15 +201,13 @@ def piecewise_constant(
             f"Received {len(rates)} `values` for {len(steps)} `boundaries`, expected "
             f"{len(steps) + 1} (one more value than boundaries)."
         )
-    return training_service_pb2.LearningRate(
-        piecewise_constant=training_service_pb2.PiecewiseConstant(boundaries=steps, values=rates)
-    )
+    return job_pb2.LearningRate(piecewise_constant=job_pb2.PiecewiseConstant(boundaries=steps, values=rates))
 
 
 # --- optimizers -----------------------------------------------------------------
 
 
-def adam(learning_rate: LearningRateLike) -> training_service_pb2.Optimizer:
+def adam(learning_rate: LearningRateLike) -> job_pb2.Optimizer:
     """Adam.
 
     Args:
@@ -251,14 +222,10 @@ def adam(learning_rate: LearningRateLike) -> training_service_pb2.Optimizer:
     optimizer = jobs.adam(1e-3)
     ```
     """
-    return training_service_pb2.Optimizer(
-        kind=training_service_pb2.OPTIMIZER_KIND_ADAM, learning_rate=_learning_rate(learning_rate)
-    )
+    return job_pb2.Optimizer(kind=job_pb2.OPTIMIZER_KIND_ADAM, learning_rate=_learning_rate(learning_rate))
 
 
-def adamw(
-    learning_rate: LearningRateLike, *, weight_decay: float | None = None
-) -> training_service_pb2.Optimizer:
+def adamw(learning_rate: LearningRateLike, *, weight_decay: float | None = None) -> job_pb2.Optimizer:
     """AdamW: Adam with decoupled weight decay.
 
     Args:
@@ -274,11 +241,11 @@ def adamw(
     optimizer = jobs.adamw(jobs.cosine_decay(3e-4, decay_steps=5000), weight_decay=0.01)
     ```
     """
-    optimizer = training_service_pb2.Optimizer(
-        kind=training_service_pb2.OPTIMIZER_KIND_ADAMW, learning_rate=_learning_rate(learning_rate)
+    optimizer = job_pb2.Optimizer(
+        kind=job_pb2.OPTIMIZER_KIND_ADAMW, learning_rate=_learning_rate(learning_rate)
     )
     if weight_decay is not None:
-        decay = _number("weight_decay", weight_decay)
+        decay = _checks.number("weight_decay", weight_decay)
         if decay < 0:
             raise ValueError(
                 f"Received a negative `weight_decay`, expected at least 0. Received: weight_decay={decay}"
@@ -289,7 +256,7 @@ def adamw(
 
 def sgd(
     learning_rate: LearningRateLike, *, momentum: float = 0.0, nesterov: bool = False
-) -> training_service_pb2.Optimizer:
+) -> job_pb2.Optimizer:
     """Stochastic gradient descent, optionally with (Nesterov) momentum.
 
     Args:
@@ -306,15 +273,15 @@ def sgd(
     optimizer = jobs.sgd(0.01, momentum=0.9, nesterov=True)
     ```
     """
-    return training_service_pb2.Optimizer(
-        kind=training_service_pb2.OPTIMIZER_KIND_SGD,
+    return job_pb2.Optimizer(
+        kind=job_pb2.OPTIMIZER_KIND_SGD,
         learning_rate=_learning_rate(learning_rate),
-        momentum=_between("momentum", momentum, 0.0, 1.0),
+        momentum=_checks.between("momentum", momentum, 0.0, 1.0),
         nesterov=bool(nesterov),
     )
 
 
-def rmsprop(learning_rate: LearningRateLike) -> training_service_pb2.Optimizer:
+def rmsprop(learning_rate: LearningRateLike) -> job_pb2.Optimizer:
     """RMSprop.
 
     Args:
@@ -329,9 +296,7 @@ def rmsprop(learning_rate: LearningRateLike) -> training_service_pb2.Optimizer:
     optimizer = jobs.rmsprop(1e-4)
     ```
     """
-    return training_service_pb2.Optimizer(
-        kind=training_service_pb2.OPTIMIZER_KIND_RMSPROP, learning_rate=_learning_rate(learning_rate)
-    )
+    return job_pb2.Optimizer(kind=job_pb2.OPTIMIZER_KIND_RMSPROP, learning_rate=_learning_rate(learning_rate))
 
 
 # --- optional parts -------------------------------------------------------------
@@ -343,7 +308,7 @@ def early_stopping(
     patience: int = 0,
     min_delta: float = 0.0,
     restore_best_weights: bool = False,
-) -> training_service_pb2.EarlyStopping:
+) -> job_pb2.EarlyStopping:
     """Stop a job when a monitored metric stops improving.
 
     Args:
@@ -367,12 +332,12 @@ def early_stopping(
             f"Received an invalid `monitor`, expected a metric name such as 'val_loss'. "
             f"Received: monitor={monitor!r}"
         )
-    delta = _number("min_delta", min_delta)
+    delta = _checks.number("min_delta", min_delta)
     if delta < 0:
         raise ValueError(f"Received a negative `min_delta`, expected at least 0. Received: min_delta={delta}")
-    return training_service_pb2.EarlyStopping(
+    return job_pb2.EarlyStopping(
         monitor=monitor,
-        patience=_integer("patience", patience, 0, _INT32_MAX),
+        patience=_checks.integer("patience", patience, 0, INT32_MAX),
         min_delta=delta,
         restore_best_weights=bool(restore_best_weights),
     )
@@ -385,7 +350,7 @@ def preprocessing(
     random_flip: str = "",
     random_rotation: float = 0.0,
     random_zoom: float = 0.0,
-) -> training_service_pb2.Preprocessing:
+) -> job_pb2.Preprocessing:
     """Input preprocessing and augmentation, applied in the job's input pipeline.
 
     Augmentation (`random_*`) applies to training data only.
@@ -410,24 +375,39 @@ def preprocessing(
     prep = jobs.preprocessing(resize=(96, 96), rescale=1 / 255, random_flip="horizontal")
     ```
     """
-    _choice("random_flip", random_flip, _RANDOM_FLIPS)
-    proto = training_service_pb2.Preprocessing(
-        random_flip=random_flip,
-        random_rotation=_between("random_rotation", random_rotation, 0.0, 1.0),
-        random_zoom=_between("random_zoom", random_zoom, 0.0, 1.0),
+    proto = job_pb2.Preprocessing(
+        random_flip=_checks.choice("random_flip", random_flip, _RANDOM_FLIPS),
+        random_rotation=_checks.between("random_rotation", random_rotation, 0.0, 1.0),
+        random_zoom=_checks.between("random_zoom", random_zoom, 0.0, 1.0),
     )
     if resize is not None:
         if isinstance(resize, (str, bytes)) or len(resize) != 2:
             raise ValueError(
                 f"Received an invalid `resize`, expected (height, width). Received: resize={resize!r}"
             )
-        proto.resize.extend(_integer(f"resize[{i}]", d, 1, _INT32_MAX) for i, d in enumerate(resize))
+        proto.resize.extend(_checks.integer(f"resize[{i}]", d, 1, INT32_MAX) for i, d in enumerate(resize))
     if rescale is not None:
-        proto.rescale = _number("rescale", rescale)
+        proto.rescale = _checks.number("rescale", rescale)
     return proto
 
 
 # --- the spec -------------------------------------------------------------------
+
+
+def _trainable_selection(
+    freeze: SelectorLike | None, unfreeze: SelectorLike | None, train_last_layers: int | None
+) -> job_pb2.TrainableSelection | None:
+    # None when nothing is asked, so that `trainable` stays unset: the model's own settings apply.
+    if freeze is None and unfreeze is None and train_last_layers is None:
+        return None
+    selection = job_pb2.TrainableSelection()
+    if freeze is not None:
+        selection.freeze.CopyFrom(selector_to_proto(freeze))
+    if unfreeze is not None:
+        selection.unfreeze.CopyFrom(selector_to_proto(unfreeze))
+    if train_last_layers is not None:
+        selection.train_last_layers = _checks.integer("train_last_layers", train_last_layers, 1, INT32_MAX)
+    return selection
 
 
 def spec(
@@ -436,7 +416,7 @@ def spec(
     *,
     epochs: int,
     batch_size: int,
-    optimizer: training_service_pb2.Optimizer,
+    optimizer: job_pb2.Optimizer,
     loss: str,
     metrics: Sequence[str] = (),
     output_model_id: str = "",
@@ -445,14 +425,14 @@ def spec(
     freeze: SelectorLike | None = None,
     unfreeze: SelectorLike | None = None,
     train_last_layers: int | None = None,
-    early_stopping: training_service_pb2.EarlyStopping | None = None,
+    early_stopping: job_pb2.EarlyStopping | None = None,
     checkpoint_every_epochs: int = 0,
     progress_every_steps: int = 0,
     seed: int | None = None,
-    preprocessing: training_service_pb2.Preprocessing | None = None,
+    preprocessing: job_pb2.Preprocessing | None = None,
     mixed_precision: bool = False,
     shuffle: bool | None = None,
-) -> training_service_pb2.JobSpec:
+) -> job_pb2.JobSpec:
     """Build the spec of a fine-tuning job, for `create_job`.
 
     The job trains a working copy of `model_id`; on success it commits the
@@ -503,43 +483,39 @@ def spec(
     )
     ```
     """
-    _message("optimizer", optimizer, training_service_pb2.Optimizer, "adam")
+    _checks.instance("optimizer", optimizer, job_pb2.Optimizer, "jobs.adam")
     if not optimizer.HasField("learning_rate"):
         raise ValueError("Received an `optimizer` without a learning rate, expected one built with `jobs`.")
-    if not isinstance(loss, str) or not loss:
-        raise ValueError(
-            f"Received an invalid `loss`, expected a Keras loss name such as "
-            f"'sparse_categorical_crossentropy'. Received: loss={loss!r}"
-        )
-    proto = training_service_pb2.JobSpec(
-        model_id=_id("model_id", model_id, required=True),
-        output_model_id=_id("output_model_id", output_model_id, required=False),
-        train_dataset_id=_id("train_dataset_id", train_dataset_id, required=True),
-        validation_dataset_id=_id("validation_dataset_id", validation_dataset_id, required=False),
-        validation_split=_between("validation_split", validation_split, 0.0, 0.5),
-        epochs=_integer("epochs", epochs, 1, _INT32_MAX),
-        batch_size=_integer("batch_size", batch_size, 1, _INT32_MAX),
+    proto = job_pb2.JobSpec(
+        model_id=_checks.resource_id("model_id", model_id, required=True),
+        output_model_id=_checks.resource_id("output_model_id", output_model_id, required=False),
+        train_dataset_id=_checks.resource_id("train_dataset_id", train_dataset_id, required=True),
+        validation_dataset_id=_checks.resource_id(
+            "validation_dataset_id", validation_dataset_id, required=False
+        ),
+        validation_split=_checks.between("validation_split", validation_split, 0.0, 0.5),
+        epochs=_checks.integer("epochs", epochs, 1, INT32_MAX),
+        batch_size=_checks.integer("batch_size", batch_size, 1, INT32_MAX),
         optimizer=optimizer,
-        loss=loss,
-        metrics=_strings("metrics", metrics),
-        checkpoint_every_epochs=_integer("checkpoint_every_epochs", checkpoint_every_epochs, 0, _INT32_MAX),
-        progress_every_steps=_integer("progress_every_steps", progress_every_steps, 0, _INT32_MAX),
+        loss=_checks.loss(loss),
+        metrics=_checks.strings("metrics", metrics),
+        checkpoint_every_epochs=_checks.integer(
+            "checkpoint_every_epochs", checkpoint_every_epochs, 0, INT32_MAX
+        ),
+        progress_every_steps=_checks.integer("progress_every_steps", progress_every_steps, 0, INT32_MAX),
         mixed_precision=bool(mixed_precision),
     )
-    if freeze is not None:
-        proto.trainable.freeze.CopyFrom(selector_to_proto(freeze))
-    if unfreeze is not None:
-        proto.trainable.unfreeze.CopyFrom(selector_to_proto(unfreeze))
-    if train_last_layers is not None:
-        proto.trainable.train_last_layers = _integer("train_last_layers", train_last_layers, 1, _INT32_MAX)
+    trainable = _trainable_selection(freeze, unfreeze, train_last_layers)
+    if trainable is not None:
+        proto.trainable.CopyFrom(trainable)
     if early_stopping is not None:
-        _message("early_stopping", early_stopping, training_service_pb2.EarlyStopping, "early_stopping")
+        _checks.instance("early_stopping", early_stopping, job_pb2.EarlyStopping, "jobs.early_stopping")
         proto.early_stopping.CopyFrom(early_stopping)
     if preprocessing is not None:
-        _message("preprocessing", preprocessing, training_service_pb2.Preprocessing, "preprocessing")
+        _checks.instance("preprocessing", preprocessing, job_pb2.Preprocessing, "jobs.preprocessing")
         proto.preprocessing.CopyFrom(preprocessing)
     if seed is not None:
-        proto.seed = _integer("seed", seed, _INT64_MIN, _INT64_MAX)
+        proto.seed = _checks.integer("seed", seed, INT64_MIN, INT64_MAX)
     if shuffle is not None:
         proto.shuffle = bool(shuffle)
     return proto

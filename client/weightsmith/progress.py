@@ -28,14 +28,21 @@ from typing import IO, Any
 
 import numpy as np
 
-from weightsmith.v1 import training_service_pb2
+from weightsmith.v1 import job_pb2
 
 __all__ = ["async_progress_bar", "progress_bar"]
 
 _ENDED_STATES = {
-    training_service_pb2.JOB_STATE_SUCCEEDED: "succeeded",
-    training_service_pb2.JOB_STATE_FAILED: "failed",
-    training_service_pb2.JOB_STATE_CANCELLED: "cancelled",
+    job_pb2.JOB_STATE_SUCCEEDED: "succeeded",
+    job_pb2.JOB_STATE_FAILED: "failed",
+    job_pb2.JOB_STATE_CANCELLED: "cancelled",
+}
+# An unset or unknown level prints as INFO, the level of the server's own notes.
+_LOG_LEVELS = {
+    job_pb2.LOG_LEVEL_DEBUG: "DEBUG",
+    job_pb2.LOG_LEVEL_INFO: "INFO",
+    job_pb2.LOG_LEVEL_WARNING: "WARNING",
+    job_pb2.LOG_LEVEL_ERROR: "ERROR",
 }
 
 
@@ -77,7 +84,7 @@ class _Renderer:
         self._tqdm = _tqdm()
         self._file = file
         self._bar = self._tqdm(total=None, unit="step", file=file, dynamic_ncols=True, desc="waiting")
-        self.result: training_service_pb2.JobResult | None = None
+        self.result: job_pb2.JobResult | None = None
 
     def _write(self, line: str) -> None:
         self._tqdm.write(line, file=self._file)
@@ -85,7 +92,7 @@ class _Renderer:
     def _epoch(self, epoch: int) -> str:
         return f"epoch {epoch}/{self._total_epochs}" if self._total_epochs else f"epoch {epoch}"
 
-    def add(self, event: training_service_pb2.JobEvent) -> None:
+    def add(self, event: job_pb2.JobEvent) -> None:
         kind = event.WhichOneof("kind")
         if kind == "progress":
             progress = event.progress
@@ -115,16 +122,16 @@ class _Renderer:
             self._write(f"{self._epoch(ended.epoch)}: {' '.join(parts)}")
         elif kind == "state_changed":
             changed = event.state_changed
-            if changed.state == training_service_pb2.JOB_STATE_RUNNING:
+            if changed.state == job_pb2.JOB_STATE_RUNNING:
                 self._bar.set_description("running")
             if changed.state in _ENDED_STATES or changed.detail:
                 name = (
                     _ENDED_STATES.get(changed.state)
-                    or training_service_pb2.JobState.Name(changed.state).removeprefix("JOB_STATE_").lower()
+                    or job_pb2.JobState.Name(changed.state).removeprefix("JOB_STATE_").lower()
                 )
                 self._write(f"job {name}" + (f": {changed.detail}" if changed.detail else ""))
         elif kind == "log":
-            self._write(f"{event.log.level or 'INFO'}: {event.log.message}")
+            self._write(f"{_LOG_LEVELS.get(event.log.level, 'INFO')}: {event.log.message}")
         elif kind == "result":
             result = event.result
             self.result = result
@@ -140,11 +147,11 @@ class _Renderer:
 
 
 def progress_bar(
-    events: Iterable[training_service_pb2.JobEvent],
+    events: Iterable[job_pb2.JobEvent],
     *,
     total_epochs: int | None = None,
     file: IO[str] | None = None,
-) -> training_service_pb2.JobResult | None:
+) -> job_pb2.JobResult | None:
     """Render a job's events as a tqdm progress bar until they end.
 
     The bar counts training steps (`StepProgress.global_step`) out of
@@ -182,11 +189,11 @@ def progress_bar(
 
 
 async def async_progress_bar(
-    events: AsyncIterable[training_service_pb2.JobEvent],
+    events: AsyncIterable[job_pb2.JobEvent],
     *,
     total_epochs: int | None = None,
     file: IO[str] | None = None,
-) -> training_service_pb2.JobResult | None:
+) -> job_pb2.JobResult | None:
     """Render a job's events as a tqdm progress bar until they end; `progress_bar` for async iterables.
 
     Args:

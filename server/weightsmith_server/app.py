@@ -21,31 +21,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from weightsmith.v1 import (
-    model_service_pb2,
-    model_service_pb2_grpc,
-    training_service_pb2,
-    training_service_pb2_grpc,
-    weight_service_pb2,
-)
 from weightsmith_server import logs, metrics
-from weightsmith_server.api import weight_servicer
+from weightsmith_server.api import model_servicer, training_servicer, weight_servicer
+from weightsmith_server.api.handlers import service_handler
 from weightsmith_server.api.interceptors import ErrorInterceptor
-from weightsmith_server.api.model_servicer import ModelServicer
-from weightsmith_server.api.training_servicer import TrainingServicer
 from weightsmith_server.config import Config, parse_config
 from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.devices import Devices
 from weightsmith_server.jobs.manager import JobManager
-from weightsmith_server.registry import Registry
+from weightsmith_server.models.local_host import LocalModelHost
+from weightsmith_server.operations.blocking import Blocking
+from weightsmith_server.operations.models import ModelOperations, ServerLimits
+from weightsmith_server.operations.training import TrainingOperations
+from weightsmith_server.operations.weights import WeightOperations
 from weightsmith_server.store import Store
 
 log = logging.getLogger("weightsmith_server")
 
-SERVICE_NAMES = (
-    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
-    weight_service_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name,
-    training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+SERVICE_NAMES = tuple(
+    module.SERVICE.full_name for module in (model_servicer, weight_servicer, training_servicer)
 )
 
 
@@ -55,7 +49,7 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    registry: Registry
+    host: LocalModelHost
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
     jobs: JobManager
@@ -97,23 +91,38 @@ async def create_server(config: Config) -> RunningServer:
     store = Store(config.store)
     devices = Devices(config.device)
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="weightsmith-work")
-    registry = Registry(store, devices, executor, config.max_upload_bytes, config.retain_revisions)
+    blocking = Blocking(executor)
+    host = LocalModelHost(store, devices, config.retain_revisions)
     datasets = DatasetStore(
         store.root,
         executor,
         allowed_roots=config.dataset_root_paths,
         max_upload_bytes=config.max_upload_bytes,
     )
-    jobs = JobManager(store.root, registry, datasets, runners=config.max_running_jobs)
+    jobs = JobManager(store.root, host, datasets, runners=config.max_running_jobs)
+    limits = ServerLimits(config.max_message_bytes, config.max_upload_bytes, config.chunk_bytes)
 
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.max_message_bytes)], options=_server_options(config)
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(registry, config, datasets), server
+    server.add_generic_rpc_handlers(
+        (
+            service_handler(
+                model_servicer.SERVICE,
+                model_servicer.ModelServicer(ModelOperations(host, datasets, blocking, limits)),
+            ),
+            service_handler(
+                weight_servicer.SERVICE,
+                weight_servicer.WeightServicer(WeightOperations(host, blocking), config.chunk_bytes),
+                request_deserializers=weight_servicer.REQUEST_DESERIALIZERS,
+                response_serializers=weight_servicer.RESPONSE_SERIALIZERS,
+            ),
+            service_handler(
+                training_servicer.SERVICE,
+                training_servicer.TrainingServicer(TrainingOperations(datasets, jobs)),
+            ),
+        )
     )
-    training_service_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(datasets, jobs), server)
-    weight_servicer.add_to_server(weight_servicer.WeightServicer(registry, config.chunk_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -124,17 +133,17 @@ async def create_server(config: Config) -> RunningServer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = server.add_insecure_port(config.address)
     await server.start()
-    await registry.restore()
-    datasets.restore()
-    jobs.restore()
+    await blocking(host.restore)
+    await blocking(datasets.restore)
+    await blocking(jobs.restore)
     jobs.start()
-    metrics.RESIDENT_MODELS.set_function(lambda: len(registry.models()))
-    metrics.RESIDENT_BYTES.set_function(lambda: sum(registry.resident_bytes().values()))
+    metrics.RESIDENT_MODELS.set_function(lambda: sum(len(ids) for ids in host.placements().values()))
+    metrics.RESIDENT_BYTES.set_function(lambda: sum(host.resident_bytes().values()))
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    host = config.address.rpartition(":")[0]
-    log.info("weightsmith serving on %s:%d (store %s)", host, port, store.root)
-    return RunningServer(server, port, registry, health_servicer, executor, jobs)
+    bound = config.address.rpartition(":")[0]
+    log.info("weightsmith serving on %s:%d (store %s)", bound, port, store.root)
+    return RunningServer(server, port, host, health_servicer, executor, jobs)
 
 
 async def serve(config: Config) -> None:

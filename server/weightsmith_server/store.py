@@ -29,25 +29,18 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from weightsmith_server.dtypes import numpy_dtype
+from weightsmith_server.revisions.record import RevisionRecord
 from weightsmith_server.variables import VariableEntry
 
 _LAYOUT_VERSION = "1"
 _STAGING_PREFIX = ".staging-"
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype of a stored dtype name (`float32`, `bfloat16`, ...)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:
@@ -108,27 +101,6 @@ class Manifest:
 
     def by_path(self) -> dict[str, VariableRecord]:
         return {v.path: v for v in self.variables}
-
-
-@dataclass(frozen=True)
-class RevisionRecord:
-    """What `revision.json` holds."""
-
-    model_id: str
-    revision: int
-    create_time: str
-    author: str
-    message: str
-    kind: str
-    summary: str
-    architecture_changed: bool
-    architecture_revision: int
-    stored_bytes: int
-    changed_variables: list[str] = field(default_factory=list)
-    # What each edit of an ApplyEdits batch did (EditReport fields), in order.
-    edits: list[dict[str, Any]] = field(default_factory=list)
-    # The revision a RevertModel restored.
-    reverted_to: int = 0
 
 
 @dataclass(frozen=True)
@@ -312,7 +284,7 @@ class StagedRevision:
                 handle.write(architecture_json)
                 handle.flush()
                 os.fsync(handle.fileno())
-        write_json(self.dir / "revision.json", asdict(record))
+        write_json(self.dir / "revision.json", record.to_dict())
         fsync_path(self.dir / "tensors")
         fsync_path(self.dir)
         os.rename(self.dir, self._revisions_dir / folder)
@@ -382,8 +354,7 @@ class Store:
         return (self._revision_dir(model_id, revision) / "revision.json").is_file()
 
     def read_revision(self, model_id: str, revision: int) -> RevisionRecord:
-        raw = read_json(self._revision_dir(model_id, revision) / "revision.json")
-        return RevisionRecord(**raw)
+        return RevisionRecord.from_dict(read_json(self._revision_dir(model_id, revision) / "revision.json"))
 
     def read_manifest(self, model_id: str, revision: int) -> Manifest:
         raw = read_json(self._revision_dir(model_id, revision) / "manifest.json")

@@ -1,4 +1,7 @@
-"""Streaming weight writes: validate each chunk, stage it on disk, commit once.
+"""Weight streams: reads from memory or the store; writes validated per chunk, staged, committed once.
+
+`read_weights` serves the current revision from the resident variables
+(copy-on-write snapshots) and older ones from the store's files.
 
 A `WeightWrite` lives for one WriteWeights stream. Each chunk is checked and
 copied once, into an aligned buffer that will become the variable's storage;
@@ -13,27 +16,22 @@ never changes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from weightsmith._wire import ChunkView
+from weightsmith_server.dtypes import numpy_dtype, numpy_dtype_for
 from weightsmith_server.errors import Aborted, InvalidArgument, NotFound
+from weightsmith_server.models.host import ModelHost
+from weightsmith_server.models.resident import ResidentModel
 from weightsmith_server.numerics import all_finite
-from weightsmith_server.registry import ModelState, Prepared, Registry, check_expected_revision, utc_now
-from weightsmith_server.store import (
-    Manifest,
-    RevisionRecord,
-    TensorFileWriter,
-    VariableRecord,
-    numpy_dtype,
-)
-from weightsmith_server.tensors import numpy_dtype_for
-from weightsmith_server.zerocopy import aligned_empty
+from weightsmith_server.revisions.commit import Change, check_expected_revision, replace_entries
+from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
+from weightsmith_server.selectors import Selector, select
+from weightsmith_server.store import TensorFileWriter, VariableRecord
+from weightsmith_server.zerocopy import aligned_empty, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ class WeightWrite:
 
     def __init__(
         self,
-        registry: Registry,
+        host: ModelHost,
         model_id: str,
         *,
         expected_revision: int | None,
@@ -59,22 +57,17 @@ class WeightWrite:
         allow_non_finite: bool,
         author: str,
     ) -> None:
-        self._registry = registry
-        self._resident = registry.get(model_id, field="header.model_id")
-        self._resident.check_not_busy("header.model_id")
-        check_expected_revision(self._resident, expected_revision, "header.expected_revision")
+        self._host = host
+        self._model_id = model_id
+        self._expected = expected_revision
+        self._known = host.run(model_id, self._check_writable, field="header.model_id")
         # "open" until commit or abort claims the write; the other then does nothing.
         self._phase = "open"
         self._phase_lock = threading.Lock()
-        self._expected = expected_revision
         self._message = message
         self._allow_non_finite = allow_non_finite
         self._author = author
-        self._known = self._resident.state.manifest.by_path()
-        try:
-            self._staged = registry.store.stage_revision(model_id)
-        except FileNotFoundError:
-            raise self._deleted() from None
+        self._staged = host.stage(model_id, "header.model_id")
         self._written: dict[str, VariableRecord] = {}
         self._values: dict[str, np.ndarray] = {}
         self._disk: list[Future[None]] = []
@@ -87,6 +80,12 @@ class WeightWrite:
         self._size = 0
         self._index = 0
         self._last_field = "chunks"
+
+    def _check_writable(self, resident: ResidentModel) -> dict[str, VariableRecord]:
+        """Refuse the write up front if it could not commit; returns the variables it may write."""
+        resident.check_not_busy("header.model_id")
+        check_expected_revision(resident, self._expected, "header.expected_revision")
+        return resident.state.manifest.by_path()
 
     def add(self, name: str, dtype: int, shape: tuple[int, ...], offset: int, data: memoryview) -> None:
         """Validate one chunk and append it to its staged tensor file."""
@@ -220,7 +219,7 @@ class WeightWrite:
 
     def _deleted(self) -> NotFound:
         return NotFound(
-            f"Model {self._resident.model_id!r} was deleted while the write streamed.",
+            f"Model {self._model_id!r} was deleted while the write streamed.",
             reason="MODEL_NOT_FOUND",
             field="header.model_id",
         )
@@ -249,16 +248,16 @@ class WeightWrite:
         except BaseException:
             self._discard()
             raise
-        return self._registry.commit_revision(
-            self._resident,
+        return self._host.commit(
+            self._model_id,
             self._staged,
+            self._prepare,
             expected_revision=self._expected,
-            prepare=self._prepare,
             field_prefix="header.",
         )
 
-    def _prepare(self, state: ModelState, number: int) -> Prepared:
-        current = state.manifest
+    def _prepare(self, resident: ResidentModel) -> Change:
+        current = resident.state.manifest
         known = current.by_path()
         for path, record in self._written.items():
             now = known.get(path)
@@ -268,25 +267,15 @@ class WeightWrite:
                     reason="ARCHITECTURE_CHANGED",
                     field="chunks",
                 )
-        manifest = Manifest(
-            layer_count=current.layer_count,
-            variables=tuple(self._written.get(v.path, v) for v in current.variables),
-        )
         changed = [v.path for v in current.variables if v.path in self._written]
-        record = RevisionRecord(
-            model_id=self._resident.model_id,
-            revision=number,
-            create_time=utc_now(),
+        draft = RevisionDraft(
+            kind=RevisionKind.WRITE_WEIGHTS,
             author=self._author,
             message=self._message,
-            kind="write_weights",
             summary=f"wrote {len(changed)} variable(s), {self._staged.stored_bytes} bytes",
-            architecture_changed=False,
-            architecture_revision=state.revision.architecture_revision,
-            stored_bytes=self._staged.stored_bytes,
             changed_variables=changed,
         )
-        return Prepared(record, manifest, self._values)
+        return Change(draft, replace_entries(current, self._written), self._values)
 
     def abort(self) -> None:
         """Drop everything staged, unless a commit has claimed the write."""
@@ -305,37 +294,27 @@ class WeightWrite:
         self._staged.discard()
 
 
-async def write_weights(
-    registry: Registry,
-    model_id: str,
-    *,
-    expected_revision: int | None,
-    message: str,
-    allow_non_finite: bool,
-    author: str,
-    chunks: AsyncIterator[ChunkView],
-) -> RevisionRecord:
-    """Run one WriteWeights stream to its commit; on any failure nothing changes."""
-    write = await registry.run(
-        lambda: WeightWrite(
-            registry,
-            model_id,
-            expected_revision=expected_revision,
-            message=message,
-            allow_non_finite=allow_non_finite,
-            author=author,
-        )
-    )
-    try:
-        async for chunk in chunks:
-            # Checking a chunk and queueing its copy takes well under a millisecond:
-            # doing it here saves a thread hop per chunk.
-            write.add(chunk.name, chunk.dtype, chunk.shape, chunk.offset, chunk.data)
-    except asyncio.CancelledError:
-        registry.executor.submit(write.abort)  # the client went away; do not await
-        raise
-    except BaseException:
-        await registry.run(write.abort)
-        raise
-    # Shielded: once the commit runs, a cancelled call must not interrupt it half way.
-    return await asyncio.shield(registry.run(write.commit))
+def read_weights(
+    host: ModelHost, model_id: str, selector: Selector, revision: int
+) -> tuple[int, list[tuple[str, np.ndarray]]]:
+    """The selected variables of a revision, as read-only arrays.
+
+    The current revision comes from the resident variables (copy-on-write
+    snapshots: no copy on the CPU), older ones from the store's files.
+    """
+    number, manifest = host.revision(model_id, revision)
+    entries = [v.entry for v in manifest.variables]
+    paths = set(select(selector, entries, manifest.layer_count, field="selector"))
+    chosen = [v for v in manifest.variables if v.path in paths]
+
+    def from_memory(resident: ResidentModel) -> list[tuple[str, np.ndarray]] | None:
+        with resident.lock.read():
+            state = resident.state
+            if state.revision.revision != number:
+                return None
+            return [(v.path, snapshot(state.variables[v.path])) for v in chosen]
+
+    arrays = host.run(model_id, from_memory)
+    if arrays is None:
+        arrays = [(v.path, host.store.load_tensor(model_id, v)) for v in chosen]
+    return number, arrays

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dweightsmith/v1/selector.proto\x12\x0eweightsmith.v1\"\x9b\x01\n\x10VariableSelector\x12\r\n\x05paths\x18\x01 \x03(\t\x12\x10\n\x08patterns\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12/\n\x0blayer_range\x18\x04 \x01(\x0b\x32\x1a.weightsmith.v1.LayerRange\x12\r\n\x05kinds\x18\x05 \x03(\t\x12\x16\n\x0etrainable_only\x18\x06 \x01(\x08\"F\n\nLayerRange\x12\x12\n\x05start\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04stop\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_startB\x07\n\x05_stopb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dweightsmith/v1/selector.proto\x12\x0eweightsmith.v1\"\x9b\x01\n\x10VariableSelector\x12\r\n\x05paths\x18\x01 \x03(\t\x12\x10\n\x08patterns\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12/\n\x0blayer_range\x18\x04 \x01(\x0b\x32\x1a.weightsmith.v1.LayerRange\x12\r\n\x05kinds\x18\x05 \x03(\t\x12\x16\n\x0etrainable_only\x18\x06 \x01(\x08\"F\n\nLayerRange\x12\x12\n\x05start\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04stop\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_startB\x07\n\x05_stopB~\n\x12\x64\x65v.weightsmith.v1B\rSelectorProtoP\x01ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\xaa\x02\x0eWeightsmith.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightsmith.v1.selector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.weightsmith.v1B\rSelectorProtoP\001ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\252\002\016Weightsmith.V1'
   _globals['_VARIABLESELECTOR']._serialized_start=50
   _globals['_VARIABLESELECTOR']._serialized_end=205
   _globals['_LAYERRANGE']._serialized_start=207

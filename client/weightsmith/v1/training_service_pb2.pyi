@@ -6,11 +6,9 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from weightsmith.v1 import selector_pb2 as _selector_pb2
-from weightsmith.v1 import tensor_pb2 as _tensor_pb2
+from weightsmith.v1 import dataset_pb2 as _dataset_pb2
+from weightsmith.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,306 +19,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _DatasetFormat:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetFormat.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    DATASET_FORMAT_UNSPECIFIED: _DatasetFormat.ValueType  # 0
-    """Not set; always rejected."""
-    DATASET_FORMAT_NPZ: _DatasetFormat.ValueType  # 1
-    """A numpy `.npz` with arrays `x` and `y`, optionally `x_val` and `y_val`."""
-    DATASET_FORMAT_TFRECORD: _DatasetFormat.ValueType  # 2
-    """A TFRecord file of `tf.train.Example`s, read with `tfrecord` options."""
-    DATASET_FORMAT_IMAGE_FOLDER: _DatasetFormat.ValueType  # 3
-    """A zip or tar archive of an image folder tree: one subfolder per class,
-    as `keras.utils.image_dataset_from_directory` expects.
-    """
-
-class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
-    """File format of a dataset."""
-
-DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
-"""Not set; always rejected."""
-DATASET_FORMAT_NPZ: DatasetFormat.ValueType  # 1
-"""A numpy `.npz` with arrays `x` and `y`, optionally `x_val` and `y_val`."""
-DATASET_FORMAT_TFRECORD: DatasetFormat.ValueType  # 2
-"""A TFRecord file of `tf.train.Example`s, read with `tfrecord` options."""
-DATASET_FORMAT_IMAGE_FOLDER: DatasetFormat.ValueType  # 3
-"""A zip or tar archive of an image folder tree: one subfolder per class,
-as `keras.utils.image_dataset_from_directory` expects.
-"""
-Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
-
-class _OptimizerKind:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _OptimizerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OptimizerKind.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    OPTIMIZER_KIND_UNSPECIFIED: _OptimizerKind.ValueType  # 0
-    """Same as `OPTIMIZER_KIND_ADAM`."""
-    OPTIMIZER_KIND_ADAM: _OptimizerKind.ValueType  # 1
-    """Adam."""
-    OPTIMIZER_KIND_ADAMW: _OptimizerKind.ValueType  # 2
-    """AdamW (decoupled weight decay)."""
-    OPTIMIZER_KIND_SGD: _OptimizerKind.ValueType  # 3
-    """Stochastic gradient descent, optionally with (Nesterov) momentum."""
-    OPTIMIZER_KIND_RMSPROP: _OptimizerKind.ValueType  # 4
-    """RMSprop."""
-
-class OptimizerKind(_OptimizerKind, metaclass=_OptimizerKindEnumTypeWrapper):
-    """Optimizer algorithm."""
-
-OPTIMIZER_KIND_UNSPECIFIED: OptimizerKind.ValueType  # 0
-"""Same as `OPTIMIZER_KIND_ADAM`."""
-OPTIMIZER_KIND_ADAM: OptimizerKind.ValueType  # 1
-"""Adam."""
-OPTIMIZER_KIND_ADAMW: OptimizerKind.ValueType  # 2
-"""AdamW (decoupled weight decay)."""
-OPTIMIZER_KIND_SGD: OptimizerKind.ValueType  # 3
-"""Stochastic gradient descent, optionally with (Nesterov) momentum."""
-OPTIMIZER_KIND_RMSPROP: OptimizerKind.ValueType  # 4
-"""RMSprop."""
-Global___OptimizerKind: _TypeAlias = OptimizerKind  # noqa: Y015
-
-class _JobState:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
-    """Not set."""
-    JOB_STATE_QUEUED: _JobState.ValueType  # 1
-    """Waiting for a runner."""
-    JOB_STATE_RUNNING: _JobState.ValueType  # 2
-    """Training."""
-    JOB_STATE_SUCCEEDED: _JobState.ValueType  # 3
-    """Finished; the result is committed."""
-    JOB_STATE_FAILED: _JobState.ValueType  # 4
-    """Stopped by an error; nothing committed."""
-    JOB_STATE_CANCELLED: _JobState.ValueType  # 5
-    """Stopped by CancelJob; nothing committed."""
-
-class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
-    """Lifecycle state of a job."""
-
-JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
-"""Not set."""
-JOB_STATE_QUEUED: JobState.ValueType  # 1
-"""Waiting for a runner."""
-JOB_STATE_RUNNING: JobState.ValueType  # 2
-"""Training."""
-JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
-"""Finished; the result is committed."""
-JOB_STATE_FAILED: JobState.ValueType  # 4
-"""Stopped by an error; nothing committed."""
-JOB_STATE_CANCELLED: JobState.ValueType  # 5
-"""Stopped by CancelJob; nothing committed."""
-Global___JobState: _TypeAlias = JobState  # noqa: Y015
-
-@_typing.final
-class FeatureSpec(_message.Message):
-    """One feature of a TFRecord `tf.train.Example`."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    DTYPE_FIELD_NUMBER: _builtins.int
-    SHAPE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """Required. The feature key in the Example."""
-    dtype: _tensor_pb2.DataType.ValueType
-    """Required. FLOAT32 (float_list), INT64 (int64_list), or UINT8 for a
-    bytes_list holding raw bytes.
-    """
-    @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Required. Shape of one example's value, for example `[8, 8, 1]`."""
-
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        dtype: _tensor_pb2.DataType.ValueType = ...,
-        shape: _abc.Iterable[_builtins.int] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___FeatureSpec: _TypeAlias = FeatureSpec  # noqa: Y015
-
-@_typing.final
-class TfRecordOptions(_message.Message):
-    """How to read a TFRecord dataset."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FEATURES_FIELD_NUMBER: _builtins.int
-    LABELS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def features(self) -> Global___FeatureSpec:
-        """Required. The input feature."""
-
-    @_builtins.property
-    def labels(self) -> Global___FeatureSpec:
-        """Required. The label feature (an integer class index or a float vector)."""
-
-    def __init__(
-        self,
-        *,
-        features: Global___FeatureSpec | None = ...,
-        labels: Global___FeatureSpec | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "labels", b"labels"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "labels", b"labels"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TfRecordOptions: _TypeAlias = TfRecordOptions  # noqa: Y015
-
-@_typing.final
-class ImageFolderOptions(_message.Message):
-    """How to read an image folder dataset."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    IMAGE_SIZE_FIELD_NUMBER: _builtins.int
-    CHANNELS_FIELD_NUMBER: _builtins.int
-    channels: _builtins.int
-    """Optional. Color channels: 1 (grayscale) or 3 (RGB, the default)."""
-    @_builtins.property
-    def image_size(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Required. Height and width every image is resized to."""
-
-    def __init__(
-        self,
-        *,
-        image_size: _abc.Iterable[_builtins.int] | None = ...,
-        channels: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "image_size", b"image_size"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ImageFolderOptions: _TypeAlias = ImageFolderOptions  # noqa: Y015
-
-@_typing.final
-class DatasetSource(_message.Message):
-    """Where a dataset comes from and how to read it."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FORMAT_FIELD_NUMBER: _builtins.int
-    TFRECORD_FIELD_NUMBER: _builtins.int
-    IMAGE_FOLDER_FIELD_NUMBER: _builtins.int
-    format: Global___DatasetFormat.ValueType
-    """Required. The file format."""
-    @_builtins.property
-    def tfrecord(self) -> Global___TfRecordOptions:
-        """TFRecord options; required for TFRecord."""
-
-    @_builtins.property
-    def image_folder(self) -> Global___ImageFolderOptions:
-        """Image folder options; required for image folders."""
-
-    def __init__(
-        self,
-        *,
-        format: Global___DatasetFormat.ValueType = ...,
-        tfrecord: Global___TfRecordOptions | None = ...,
-        image_folder: Global___ImageFolderOptions | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["image_folder", b"image_folder", "tfrecord", b"tfrecord"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "image_folder", b"image_folder", "tfrecord", b"tfrecord"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DatasetSource: _TypeAlias = DatasetSource  # noqa: Y015
-
-@_typing.final
-class Dataset(_message.Message):
-    """A dataset registered on the server."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DATASET_ID_FIELD_NUMBER: _builtins.int
-    FORMAT_FIELD_NUMBER: _builtins.int
-    EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
-    VALIDATION_EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
-    FEATURES_FIELD_NUMBER: _builtins.int
-    LABELS_FIELD_NUMBER: _builtins.int
-    CLASS_COUNT_FIELD_NUMBER: _builtins.int
-    CLASS_NAMES_FIELD_NUMBER: _builtins.int
-    SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    USED_BY_JOBS_FIELD_NUMBER: _builtins.int
-    dataset_id: _builtins.str
-    """Output only. The dataset's id, matching `[a-z0-9][a-z0-9-]{0,62}`."""
-    format: Global___DatasetFormat.ValueType
-    """Output only. The format it was read from."""
-    example_count: _builtins.int
-    """Output only. Number of training examples."""
-    validation_example_count: _builtins.int
-    """Output only. Number of validation examples it carries (0 if none)."""
-    class_count: _builtins.int
-    """Output only. Number of classes, for integer labels (largest label + 1,
-    or the class folders of an image folder).
-    """
-    size_bytes: _builtins.int
-    """Output only. Bytes stored on the server."""
-    @_builtins.property
-    def features(self) -> _tensor_pb2.TensorSpec:
-        """Output only. Shape and dtype of one input example."""
-
-    @_builtins.property
-    def labels(self) -> _tensor_pb2.TensorSpec:
-        """Output only. Shape and dtype of one label."""
-
-    @_builtins.property
-    def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. Class names of an image folder, in label order."""
-
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When it was registered."""
-
-    @_builtins.property
-    def used_by_jobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. Ids of queued or running jobs that use it."""
-
-    def __init__(
-        self,
-        *,
-        dataset_id: _builtins.str = ...,
-        format: Global___DatasetFormat.ValueType = ...,
-        example_count: _builtins.int = ...,
-        validation_example_count: _builtins.int = ...,
-        features: _tensor_pb2.TensorSpec | None = ...,
-        labels: _tensor_pb2.TensorSpec | None = ...,
-        class_count: _builtins.int = ...,
-        class_names: _abc.Iterable[_builtins.str] | None = ...,
-        size_bytes: _builtins.int = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        used_by_jobs: _abc.Iterable[_builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "features", b"features", "labels", b"labels"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_count", b"class_count", "class_names", b"class_names", "create_time", b"create_time", "dataset_id", b"dataset_id", "example_count", b"example_count", "features", b"features", "format", b"format", "labels", b"labels", "size_bytes", b"size_bytes", "used_by_jobs", b"used_by_jobs", "validation_example_count", b"validation_example_count"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
 
 @_typing.final
 class UploadDatasetHeader(_message.Message):
@@ -336,14 +34,14 @@ class UploadDatasetHeader(_message.Message):
     size_bytes: _builtins.int
     """Required. Exact size of the file in bytes."""
     @_builtins.property
-    def source(self) -> Global___DatasetSource:
+    def source(self) -> _dataset_pb2.DatasetSource:
         """Required. How to read it."""
 
     def __init__(
         self,
         *,
         dataset_id: _builtins.str = ...,
-        source: Global___DatasetSource | None = ...,
+        source: _dataset_pb2.DatasetSource | None = ...,
         size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -392,13 +90,13 @@ class UploadDatasetResponse(_message.Message):
 
     DATASET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> Global___Dataset:
+    def dataset(self) -> _dataset_pb2.Dataset:
         """The validated dataset."""
 
     def __init__(
         self,
         *,
-        dataset: Global___Dataset | None = ...,
+        dataset: _dataset_pb2.Dataset | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -424,14 +122,14 @@ class CreateDatasetRequest(_message.Message):
     roots (`--dataset-roots`), or a path inside the store's `imports/`.
     """
     @_builtins.property
-    def source(self) -> Global___DatasetSource:
+    def source(self) -> _dataset_pb2.DatasetSource:
         """Required. How to read it."""
 
     def __init__(
         self,
         *,
         dataset_id: _builtins.str = ...,
-        source: Global___DatasetSource | None = ...,
+        source: _dataset_pb2.DatasetSource | None = ...,
         uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -450,13 +148,13 @@ class CreateDatasetResponse(_message.Message):
 
     DATASET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> Global___Dataset:
+    def dataset(self) -> _dataset_pb2.Dataset:
         """The validated dataset."""
 
     def __init__(
         self,
         *,
-        dataset: Global___Dataset | None = ...,
+        dataset: _dataset_pb2.Dataset | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -496,13 +194,13 @@ class GetDatasetResponse(_message.Message):
 
     DATASET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> Global___Dataset:
+    def dataset(self) -> _dataset_pb2.Dataset:
         """The dataset."""
 
     def __init__(
         self,
         *,
-        dataset: Global___Dataset | None = ...,
+        dataset: _dataset_pb2.Dataset | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -549,13 +247,13 @@ class ListDatasetsResponse(_message.Message):
     next_page_token: _builtins.str
     """If not empty, there may be more results; pass it as `page_token`."""
     @_builtins.property
-    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dataset]:
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[_dataset_pb2.Dataset]:
         """The datasets of this page, ordered by id."""
 
     def __init__(
         self,
         *,
-        datasets: _abc.Iterable[Global___Dataset] | None = ...,
+        datasets: _abc.Iterable[_dataset_pb2.Dataset] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -606,506 +304,6 @@ class DeleteDatasetResponse(_message.Message):
 Global___DeleteDatasetResponse: _TypeAlias = DeleteDatasetResponse  # noqa: Y015
 
 @_typing.final
-class ExponentialDecay(_message.Message):
-    """`lr(step) = initial * decay_rate ^ (step / decay_steps)` (floored with
-    `staircase`): `keras.optimizers.schedules.ExponentialDecay`.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    INITIAL_LEARNING_RATE_FIELD_NUMBER: _builtins.int
-    DECAY_STEPS_FIELD_NUMBER: _builtins.int
-    DECAY_RATE_FIELD_NUMBER: _builtins.int
-    STAIRCASE_FIELD_NUMBER: _builtins.int
-    initial_learning_rate: _builtins.float
-    """Required. Rate at step 0, greater than 0."""
-    decay_steps: _builtins.int
-    """Required. Steps per decay period, at least 1."""
-    decay_rate: _builtins.float
-    """Required. Factor per period, greater than 0."""
-    staircase: _builtins.bool
-    """Optional. Decay in whole periods."""
-    def __init__(
-        self,
-        *,
-        initial_learning_rate: _builtins.float = ...,
-        decay_steps: _builtins.int = ...,
-        decay_rate: _builtins.float = ...,
-        staircase: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "initial_learning_rate", b"initial_learning_rate", "staircase", b"staircase"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ExponentialDecay: _TypeAlias = ExponentialDecay  # noqa: Y015
-
-@_typing.final
-class CosineDecay(_message.Message):
-    """Cosine decay with optional linear warmup:
-    `keras.optimizers.schedules.CosineDecay`.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    INITIAL_LEARNING_RATE_FIELD_NUMBER: _builtins.int
-    DECAY_STEPS_FIELD_NUMBER: _builtins.int
-    ALPHA_FIELD_NUMBER: _builtins.int
-    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
-    WARMUP_FROM_FIELD_NUMBER: _builtins.int
-    initial_learning_rate: _builtins.float
-    """Required. Rate at the end of the warmup (or at step 0), greater than 0."""
-    decay_steps: _builtins.int
-    """Required. Steps of the cosine decay, at least 1."""
-    alpha: _builtins.float
-    """Optional. Floor as a fraction of the initial rate, 0 to 1."""
-    warmup_steps: _builtins.int
-    """Optional. Steps of linear warmup from 0 (or `warmup_from`)."""
-    warmup_from: _builtins.float
-    """Optional. Rate the warmup starts from."""
-    def __init__(
-        self,
-        *,
-        initial_learning_rate: _builtins.float = ...,
-        decay_steps: _builtins.int = ...,
-        alpha: _builtins.float = ...,
-        warmup_steps: _builtins.int = ...,
-        warmup_from: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "decay_steps", b"decay_steps", "initial_learning_rate", b"initial_learning_rate", "warmup_from", b"warmup_from", "warmup_steps", b"warmup_steps"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CosineDecay: _TypeAlias = CosineDecay  # noqa: Y015
-
-@_typing.final
-class PiecewiseConstant(_message.Message):
-    """Piecewise constant rates:
-    `keras.optimizers.schedules.PiecewiseConstantDecay`.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    BOUNDARIES_FIELD_NUMBER: _builtins.int
-    VALUES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def boundaries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Required. Increasing step boundaries."""
-
-    @_builtins.property
-    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Required. One more value than boundaries, each greater than 0."""
-
-    def __init__(
-        self,
-        *,
-        boundaries: _abc.Iterable[_builtins.int] | None = ...,
-        values: _abc.Iterable[_builtins.float] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boundaries", b"boundaries", "values", b"values"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PiecewiseConstant: _TypeAlias = PiecewiseConstant  # noqa: Y015
-
-@_typing.final
-class LearningRate(_message.Message):
-    """The learning rate: constant or a schedule over training steps."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CONSTANT_FIELD_NUMBER: _builtins.int
-    EXPONENTIAL_DECAY_FIELD_NUMBER: _builtins.int
-    COSINE_DECAY_FIELD_NUMBER: _builtins.int
-    PIECEWISE_CONSTANT_FIELD_NUMBER: _builtins.int
-    constant: _builtins.float
-    """A constant rate, greater than 0."""
-    @_builtins.property
-    def exponential_decay(self) -> Global___ExponentialDecay:
-        """Exponential decay."""
-
-    @_builtins.property
-    def cosine_decay(self) -> Global___CosineDecay:
-        """Cosine decay with warmup."""
-
-    @_builtins.property
-    def piecewise_constant(self) -> Global___PiecewiseConstant:
-        """Piecewise constant."""
-
-    def __init__(
-        self,
-        *,
-        constant: _builtins.float = ...,
-        exponential_decay: Global___ExponentialDecay | None = ...,
-        cosine_decay: Global___CosineDecay | None = ...,
-        piecewise_constant: Global___PiecewiseConstant | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constant", b"constant", "cosine_decay", b"cosine_decay", "exponential_decay", b"exponential_decay", "piecewise_constant", b"piecewise_constant", "rate", b"rate"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constant", b"constant", "cosine_decay", b"cosine_decay", "exponential_decay", b"exponential_decay", "piecewise_constant", b"piecewise_constant", "rate", b"rate"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_rate: _TypeAlias = _typing.Literal["constant", "exponential_decay", "cosine_decay", "piecewise_constant"]  # noqa: Y015
-    _WhichOneofArgType_rate: _TypeAlias = _typing.Literal["rate", b"rate"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_rate) -> _WhichOneofReturnType_rate | None: ...
-
-Global___LearningRate: _TypeAlias = LearningRate  # noqa: Y015
-
-@_typing.final
-class Optimizer(_message.Message):
-    """The optimizer of a job."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    KIND_FIELD_NUMBER: _builtins.int
-    LEARNING_RATE_FIELD_NUMBER: _builtins.int
-    MOMENTUM_FIELD_NUMBER: _builtins.int
-    NESTEROV_FIELD_NUMBER: _builtins.int
-    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
-    kind: Global___OptimizerKind.ValueType
-    """Optional. The algorithm; Adam by default."""
-    momentum: _builtins.float
-    """Optional. SGD momentum, 0 to 1."""
-    nesterov: _builtins.bool
-    """Optional. SGD Nesterov momentum."""
-    weight_decay: _builtins.float
-    """Optional. AdamW weight decay (0.004 when unset)."""
-    @_builtins.property
-    def learning_rate(self) -> Global___LearningRate:
-        """Required. The learning rate."""
-
-    def __init__(
-        self,
-        *,
-        kind: Global___OptimizerKind.ValueType = ...,
-        learning_rate: Global___LearningRate | None = ...,
-        momentum: _builtins.float = ...,
-        nesterov: _builtins.bool = ...,
-        weight_decay: _builtins.float | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay", "learning_rate", b"learning_rate", "weight_decay", b"weight_decay"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay", "kind", b"kind", "learning_rate", b"learning_rate", "momentum", b"momentum", "nesterov", b"nesterov", "weight_decay", b"weight_decay"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
-    _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
-
-Global___Optimizer: _TypeAlias = Optimizer  # noqa: Y015
-
-@_typing.final
-class EarlyStopping(_message.Message):
-    """Stop when a monitored metric stops improving."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MONITOR_FIELD_NUMBER: _builtins.int
-    PATIENCE_FIELD_NUMBER: _builtins.int
-    MIN_DELTA_FIELD_NUMBER: _builtins.int
-    RESTORE_BEST_WEIGHTS_FIELD_NUMBER: _builtins.int
-    monitor: _builtins.str
-    """Optional. The metric, for example `val_loss` (the default) or
-    `val_accuracy`; `val_*` needs validation data.
-    """
-    patience: _builtins.int
-    """Optional. Epochs without improvement before stopping."""
-    min_delta: _builtins.float
-    """Optional. Smallest change that counts as an improvement."""
-    restore_best_weights: _builtins.bool
-    """Optional. Restore the best epoch's weights at the end."""
-    def __init__(
-        self,
-        *,
-        monitor: _builtins.str = ...,
-        patience: _builtins.int = ...,
-        min_delta: _builtins.float = ...,
-        restore_best_weights: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_delta", b"min_delta", "monitor", b"monitor", "patience", b"patience", "restore_best_weights", b"restore_best_weights"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___EarlyStopping: _TypeAlias = EarlyStopping  # noqa: Y015
-
-@_typing.final
-class TrainableSelection(_message.Message):
-    """Which layers train during a job."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FREEZE_FIELD_NUMBER: _builtins.int
-    UNFREEZE_FIELD_NUMBER: _builtins.int
-    TRAIN_LAST_LAYERS_FIELD_NUMBER: _builtins.int
-    train_last_layers: _builtins.int
-    """Optional. When set, only the last K layers train (applied last)."""
-    @_builtins.property
-    def freeze(self) -> _selector_pb2.VariableSelector:
-        """Optional. Variables whose layers are frozen first."""
-
-    @_builtins.property
-    def unfreeze(self) -> _selector_pb2.VariableSelector:
-        """Optional. Variables whose layers are unfrozen after freezing."""
-
-    def __init__(
-        self,
-        *,
-        freeze: _selector_pb2.VariableSelector | None = ...,
-        unfreeze: _selector_pb2.VariableSelector | None = ...,
-        train_last_layers: _builtins.int | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_train_last_layers", b"_train_last_layers", "freeze", b"freeze", "train_last_layers", b"train_last_layers", "unfreeze", b"unfreeze"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_train_last_layers", b"_train_last_layers", "freeze", b"freeze", "train_last_layers", b"train_last_layers", "unfreeze", b"unfreeze"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__train_last_layers: _TypeAlias = _typing.Literal["train_last_layers"]  # noqa: Y015
-    _WhichOneofArgType__train_last_layers: _TypeAlias = _typing.Literal["_train_last_layers", b"_train_last_layers"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__train_last_layers) -> _WhichOneofReturnType__train_last_layers | None: ...
-
-Global___TrainableSelection: _TypeAlias = TrainableSelection  # noqa: Y015
-
-@_typing.final
-class Preprocessing(_message.Message):
-    """Input preprocessing and augmentation, as Keras preprocessing layers in the
-    input pipeline (augmentation on training data only).
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    RESIZE_FIELD_NUMBER: _builtins.int
-    RESCALE_FIELD_NUMBER: _builtins.int
-    RANDOM_FLIP_FIELD_NUMBER: _builtins.int
-    RANDOM_ROTATION_FIELD_NUMBER: _builtins.int
-    RANDOM_ZOOM_FIELD_NUMBER: _builtins.int
-    rescale: _builtins.float
-    """Optional. Multiply inputs by this factor (for example 1/255); unset
-    leaves them as they are.
-    """
-    random_flip: _builtins.str
-    """Optional. Random flips: `horizontal`, `vertical` or
-    `horizontal_and_vertical`.
-    """
-    random_rotation: _builtins.float
-    """Optional. Random rotation, as a fraction of 2π (for example 0.1)."""
-    random_zoom: _builtins.float
-    """Optional. Random zoom factor (for example 0.1 for ±10 %)."""
-    @_builtins.property
-    def resize(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Optional. Resize images to `[height, width]`."""
-
-    def __init__(
-        self,
-        *,
-        resize: _abc.Iterable[_builtins.int] | None = ...,
-        rescale: _builtins.float | None = ...,
-        random_flip: _builtins.str = ...,
-        random_rotation: _builtins.float = ...,
-        random_zoom: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_rescale", b"_rescale", "rescale", b"rescale"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rescale", b"_rescale", "random_flip", b"random_flip", "random_rotation", b"random_rotation", "random_zoom", b"random_zoom", "rescale", b"rescale", "resize", b"resize"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__rescale: _TypeAlias = _typing.Literal["rescale"]  # noqa: Y015
-    _WhichOneofArgType__rescale: _TypeAlias = _typing.Literal["_rescale", b"_rescale"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__rescale) -> _WhichOneofReturnType__rescale | None: ...
-
-Global___Preprocessing: _TypeAlias = Preprocessing  # noqa: Y015
-
-@_typing.final
-class JobSpec(_message.Message):
-    """Everything a fine-tuning job needs; validated entirely at CreateJob."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MODEL_ID_FIELD_NUMBER: _builtins.int
-    OUTPUT_MODEL_ID_FIELD_NUMBER: _builtins.int
-    TRAIN_DATASET_ID_FIELD_NUMBER: _builtins.int
-    VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
-    VALIDATION_SPLIT_FIELD_NUMBER: _builtins.int
-    EPOCHS_FIELD_NUMBER: _builtins.int
-    BATCH_SIZE_FIELD_NUMBER: _builtins.int
-    OPTIMIZER_FIELD_NUMBER: _builtins.int
-    LOSS_FIELD_NUMBER: _builtins.int
-    METRICS_FIELD_NUMBER: _builtins.int
-    TRAINABLE_FIELD_NUMBER: _builtins.int
-    EARLY_STOPPING_FIELD_NUMBER: _builtins.int
-    CHECKPOINT_EVERY_EPOCHS_FIELD_NUMBER: _builtins.int
-    PROGRESS_EVERY_STEPS_FIELD_NUMBER: _builtins.int
-    SEED_FIELD_NUMBER: _builtins.int
-    PREPROCESSING_FIELD_NUMBER: _builtins.int
-    MIXED_PRECISION_FIELD_NUMBER: _builtins.int
-    SHUFFLE_FIELD_NUMBER: _builtins.int
-    model_id: _builtins.str
-    """Required. The model to train."""
-    output_model_id: _builtins.str
-    """Optional. Write the result to this new model id instead of committing
-    it into `model_id` as a new revision.
-    """
-    train_dataset_id: _builtins.str
-    """Required. The training dataset."""
-    validation_dataset_id: _builtins.str
-    """Optional. A validation dataset."""
-    validation_split: _builtins.float
-    """Optional. Fraction of the training data held out for validation
-    (0 to 0.5); ignored when `validation_dataset_id` is set or the
-    dataset carries its own validation arrays.
-    """
-    epochs: _builtins.int
-    """Required. Number of epochs, at least 1."""
-    batch_size: _builtins.int
-    """Required. Batch size, at least 1."""
-    loss: _builtins.str
-    """Required. A Keras loss name, for example
-    `sparse_categorical_crossentropy` or `mse`.
-    """
-    checkpoint_every_epochs: _builtins.int
-    """Optional. Checkpoint every N epochs; 0 means every epoch."""
-    progress_every_steps: _builtins.int
-    """Optional. Send a progress event every N steps; 0 means 10."""
-    seed: _builtins.int
-    """Optional. Seed for shuffling, augmentation and dropout."""
-    mixed_precision: _builtins.bool
-    """Optional. Train in mixed float16 precision (GPU only)."""
-    shuffle: _builtins.bool
-    """Optional. Shuffle the training data every epoch (default true)."""
-    @_builtins.property
-    def optimizer(self) -> Global___Optimizer:
-        """Required. The optimizer and learning rate."""
-
-    @_builtins.property
-    def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Keras metric names, for example `accuracy`."""
-
-    @_builtins.property
-    def trainable(self) -> Global___TrainableSelection:
-        """Optional. Which layers train; the model's own settings when unset."""
-
-    @_builtins.property
-    def early_stopping(self) -> Global___EarlyStopping:
-        """Optional. Early stopping."""
-
-    @_builtins.property
-    def preprocessing(self) -> Global___Preprocessing:
-        """Optional. Preprocessing and augmentation."""
-
-    def __init__(
-        self,
-        *,
-        model_id: _builtins.str = ...,
-        output_model_id: _builtins.str = ...,
-        train_dataset_id: _builtins.str = ...,
-        validation_dataset_id: _builtins.str = ...,
-        validation_split: _builtins.float = ...,
-        epochs: _builtins.int = ...,
-        batch_size: _builtins.int = ...,
-        optimizer: Global___Optimizer | None = ...,
-        loss: _builtins.str = ...,
-        metrics: _abc.Iterable[_builtins.str] | None = ...,
-        trainable: Global___TrainableSelection | None = ...,
-        early_stopping: Global___EarlyStopping | None = ...,
-        checkpoint_every_epochs: _builtins.int = ...,
-        progress_every_steps: _builtins.int = ...,
-        seed: _builtins.int | None = ...,
-        preprocessing: Global___Preprocessing | None = ...,
-        mixed_precision: _builtins.bool = ...,
-        shuffle: _builtins.bool | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_shuffle", b"_shuffle", "early_stopping", b"early_stopping", "optimizer", b"optimizer", "preprocessing", b"preprocessing", "seed", b"seed", "shuffle", b"shuffle", "trainable", b"trainable"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_shuffle", b"_shuffle", "batch_size", b"batch_size", "checkpoint_every_epochs", b"checkpoint_every_epochs", "early_stopping", b"early_stopping", "epochs", b"epochs", "loss", b"loss", "metrics", b"metrics", "mixed_precision", b"mixed_precision", "model_id", b"model_id", "optimizer", b"optimizer", "output_model_id", b"output_model_id", "preprocessing", b"preprocessing", "progress_every_steps", b"progress_every_steps", "seed", b"seed", "shuffle", b"shuffle", "train_dataset_id", b"train_dataset_id", "trainable", b"trainable", "validation_dataset_id", b"validation_dataset_id", "validation_split", b"validation_split"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
-    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
-    _WhichOneofReturnType__shuffle: _TypeAlias = _typing.Literal["shuffle"]  # noqa: Y015
-    _WhichOneofArgType__shuffle: _TypeAlias = _typing.Literal["_shuffle", b"_shuffle"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__shuffle) -> _WhichOneofReturnType__shuffle | None: ...
-
-Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
-
-@_typing.final
-class Job(_message.Message):
-    """A fine-tuning job."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    JOB_ID_FIELD_NUMBER: _builtins.int
-    SPEC_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    START_TIME_FIELD_NUMBER: _builtins.int
-    END_TIME_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
-    RESULT_REVISION_FIELD_NUMBER: _builtins.int
-    EPOCH_FIELD_NUMBER: _builtins.int
-    STEP_FIELD_NUMBER: _builtins.int
-    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
-    BASE_REVISION_FIELD_NUMBER: _builtins.int
-    job_id: _builtins.str
-    """Output only. The job's id."""
-    state: Global___JobState.ValueType
-    """Output only. Its state."""
-    error: _builtins.str
-    """Output only. Why it failed."""
-    result_revision: _builtins.int
-    """Output only. The revision it committed (in place or in the new model)."""
-    epoch: _builtins.int
-    """Output only. The epoch the job is in (from 1) or ended in."""
-    step: _builtins.int
-    """Output only. Steps completed so far over all epochs."""
-    last_sequence: _builtins.int
-    """Output only. The last event's sequence number."""
-    base_revision: _builtins.int
-    """Output only. The model revision the job started from."""
-    @_builtins.property
-    def spec(self) -> Global___JobSpec:
-        """Output only. Its spec, as accepted."""
-
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When it was created."""
-
-    @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When it started running (last start after a restart)."""
-
-    @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When it ended."""
-
-    def __init__(
-        self,
-        *,
-        job_id: _builtins.str = ...,
-        spec: Global___JobSpec | None = ...,
-        state: Global___JobState.ValueType = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        start_time: _timestamp_pb2.Timestamp | None = ...,
-        end_time: _timestamp_pb2.Timestamp | None = ...,
-        error: _builtins.str = ...,
-        result_revision: _builtins.int = ...,
-        epoch: _builtins.int = ...,
-        step: _builtins.int = ...,
-        last_sequence: _builtins.int = ...,
-        base_revision: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "create_time", b"create_time", "end_time", b"end_time", "epoch", b"epoch", "error", b"error", "job_id", b"job_id", "last_sequence", b"last_sequence", "result_revision", b"result_revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "step", b"step"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Job: _TypeAlias = Job  # noqa: Y015
-
-@_typing.final
 class CreateJobRequest(_message.Message):
     """Request for TrainingService.CreateJob."""
 
@@ -1116,14 +314,14 @@ class CreateJobRequest(_message.Message):
     job_id: _builtins.str
     """Optional. The new job's id; the server picks one when empty."""
     @_builtins.property
-    def spec(self) -> Global___JobSpec:
+    def spec(self) -> _job_pb2.JobSpec:
         """Required. What to run."""
 
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
-        spec: Global___JobSpec | None = ...,
+        spec: _job_pb2.JobSpec | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1141,13 +339,13 @@ class CreateJobResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___Job:
+    def job(self) -> _job_pb2.Job:
         """The queued job."""
 
     def __init__(
         self,
         *,
-        job: Global___Job | None = ...,
+        job: _job_pb2.Job | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1187,13 +385,13 @@ class GetJobResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___Job:
+    def job(self) -> _job_pb2.Job:
         """The job."""
 
     def __init__(
         self,
         *,
-        job: Global___Job | None = ...,
+        job: _job_pb2.Job | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1240,13 +438,13 @@ class ListJobsResponse(_message.Message):
     next_page_token: _builtins.str
     """If not empty, there may be more results; pass it as `page_token`."""
     @_builtins.property
-    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]:
         """The jobs of this page, newest first."""
 
     def __init__(
         self,
         *,
-        jobs: _abc.Iterable[Global___Job] | None = ...,
+        jobs: _abc.Iterable[_job_pb2.Job] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -1287,13 +485,13 @@ class CancelJobResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___Job:
+    def job(self) -> _job_pb2.Job:
         """The job; CANCELLED once it has stopped (within one progress interval)."""
 
     def __init__(
         self,
         *,
-        job: Global___Job | None = ...,
+        job: _job_pb2.Job | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1302,360 +500,6 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
-
-@_typing.final
-class StateChanged(_message.Message):
-    """A change of job state."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    STATE_FIELD_NUMBER: _builtins.int
-    DETAIL_FIELD_NUMBER: _builtins.int
-    state: Global___JobState.ValueType
-    """The new state."""
-    detail: _builtins.str
-    """Why, for FAILED; for RUNNING after a restart, where it resumed from."""
-    def __init__(
-        self,
-        *,
-        state: Global___JobState.ValueType = ...,
-        detail: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "state", b"state"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StateChanged: _TypeAlias = StateChanged  # noqa: Y015
-
-@_typing.final
-class StepProgress(_message.Message):
-    """Training progress, every `progress_every_steps` steps."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class MetricsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.float
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.float = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    EPOCH_FIELD_NUMBER: _builtins.int
-    STEP_FIELD_NUMBER: _builtins.int
-    STEPS_PER_EPOCH_FIELD_NUMBER: _builtins.int
-    GLOBAL_STEP_FIELD_NUMBER: _builtins.int
-    LOSS_FIELD_NUMBER: _builtins.int
-    METRICS_FIELD_NUMBER: _builtins.int
-    LEARNING_RATE_FIELD_NUMBER: _builtins.int
-    SAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
-    ETA_SECONDS_FIELD_NUMBER: _builtins.int
-    epoch: _builtins.int
-    """The epoch, from 1."""
-    step: _builtins.int
-    """The step within the epoch, from 1."""
-    steps_per_epoch: _builtins.int
-    """Steps per epoch."""
-    global_step: _builtins.int
-    """Steps completed over all epochs."""
-    loss: _builtins.float
-    """The training loss (running mean over the epoch so far)."""
-    learning_rate: _builtins.float
-    """The learning rate of this step."""
-    samples_per_second: _builtins.float
-    """Examples per second since the previous progress event."""
-    eta_seconds: _builtins.float
-    """Estimated seconds until the job ends."""
-    @_builtins.property
-    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Other training metrics, running means over the epoch so far."""
-
-    def __init__(
-        self,
-        *,
-        epoch: _builtins.int = ...,
-        step: _builtins.int = ...,
-        steps_per_epoch: _builtins.int = ...,
-        global_step: _builtins.int = ...,
-        loss: _builtins.float = ...,
-        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
-        learning_rate: _builtins.float = ...,
-        samples_per_second: _builtins.float = ...,
-        eta_seconds: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "eta_seconds", b"eta_seconds", "global_step", b"global_step", "learning_rate", b"learning_rate", "loss", b"loss", "metrics", b"metrics", "samples_per_second", b"samples_per_second", "step", b"step", "steps_per_epoch", b"steps_per_epoch"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StepProgress: _TypeAlias = StepProgress  # noqa: Y015
-
-@_typing.final
-class EpochEnded(_message.Message):
-    """The end of an epoch."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class TrainMetricsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.float
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.float = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    @_typing.final
-    class ValidationMetricsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.float
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.float = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    EPOCH_FIELD_NUMBER: _builtins.int
-    TRAIN_METRICS_FIELD_NUMBER: _builtins.int
-    VALIDATION_METRICS_FIELD_NUMBER: _builtins.int
-    epoch: _builtins.int
-    """The epoch, from 1."""
-    @_builtins.property
-    def train_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Training loss and metrics of the epoch."""
-
-    @_builtins.property
-    def validation_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Validation loss and metrics, when there is validation data."""
-
-    def __init__(
-        self,
-        *,
-        epoch: _builtins.int = ...,
-        train_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
-        validation_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "train_metrics", b"train_metrics", "validation_metrics", b"validation_metrics"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___EpochEnded: _TypeAlias = EpochEnded  # noqa: Y015
-
-@_typing.final
-class CheckpointSaved(_message.Message):
-    """A checkpoint a restarted server resumes from."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    EPOCH_FIELD_NUMBER: _builtins.int
-    GLOBAL_STEP_FIELD_NUMBER: _builtins.int
-    epoch: _builtins.int
-    """Epochs completed in the checkpoint."""
-    global_step: _builtins.int
-    """Steps completed in the checkpoint."""
-    def __init__(
-        self,
-        *,
-        epoch: _builtins.int = ...,
-        global_step: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "global_step", b"global_step"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CheckpointSaved: _TypeAlias = CheckpointSaved  # noqa: Y015
-
-@_typing.final
-class LogLine(_message.Message):
-    """A log line from the job."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    LEVEL_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    level: _builtins.str
-    """`INFO`, `WARNING` or `ERROR`."""
-    message: _builtins.str
-    """The text."""
-    def __init__(
-        self,
-        *,
-        level: _builtins.str = ...,
-        message: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "message", b"message"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___LogLine: _TypeAlias = LogLine  # noqa: Y015
-
-@_typing.final
-class JobResult(_message.Message):
-    """The job's outcome, the last event of a successful job."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class MetricsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.float
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.float = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    MODEL_ID_FIELD_NUMBER: _builtins.int
-    REVISION_FIELD_NUMBER: _builtins.int
-    METRICS_FIELD_NUMBER: _builtins.int
-    EPOCHS_COMPLETED_FIELD_NUMBER: _builtins.int
-    STEPS_COMPLETED_FIELD_NUMBER: _builtins.int
-    model_id: _builtins.str
-    """The model the result was committed to."""
-    revision: _builtins.int
-    """The committed revision."""
-    epochs_completed: _builtins.int
-    """Epochs completed."""
-    steps_completed: _builtins.int
-    """Steps completed."""
-    @_builtins.property
-    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Final training (and validation) metrics."""
-
-    def __init__(
-        self,
-        *,
-        model_id: _builtins.str = ...,
-        revision: _builtins.int = ...,
-        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
-        epochs_completed: _builtins.int = ...,
-        steps_completed: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs_completed", b"epochs_completed", "metrics", b"metrics", "model_id", b"model_id", "revision", b"revision", "steps_completed", b"steps_completed"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___JobResult: _TypeAlias = JobResult  # noqa: Y015
-
-@_typing.final
-class JobEvent(_message.Message):
-    """One event of a job, in sequence order."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SEQUENCE_FIELD_NUMBER: _builtins.int
-    TIME_FIELD_NUMBER: _builtins.int
-    STATE_CHANGED_FIELD_NUMBER: _builtins.int
-    PROGRESS_FIELD_NUMBER: _builtins.int
-    EPOCH_ENDED_FIELD_NUMBER: _builtins.int
-    CHECKPOINT_SAVED_FIELD_NUMBER: _builtins.int
-    LOG_FIELD_NUMBER: _builtins.int
-    RESULT_FIELD_NUMBER: _builtins.int
-    sequence: _builtins.int
-    """The sequence number, from 1, gap-free per job."""
-    @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp:
-        """When it happened."""
-
-    @_builtins.property
-    def state_changed(self) -> Global___StateChanged:
-        """A state change."""
-
-    @_builtins.property
-    def progress(self) -> Global___StepProgress:
-        """Step progress."""
-
-    @_builtins.property
-    def epoch_ended(self) -> Global___EpochEnded:
-        """An epoch ended."""
-
-    @_builtins.property
-    def checkpoint_saved(self) -> Global___CheckpointSaved:
-        """A checkpoint was saved."""
-
-    @_builtins.property
-    def log(self) -> Global___LogLine:
-        """A log line."""
-
-    @_builtins.property
-    def result(self) -> Global___JobResult:
-        """The final result."""
-
-    def __init__(
-        self,
-        *,
-        sequence: _builtins.int = ...,
-        time: _timestamp_pb2.Timestamp | None = ...,
-        state_changed: Global___StateChanged | None = ...,
-        progress: Global___StepProgress | None = ...,
-        epoch_ended: Global___EpochEnded | None = ...,
-        checkpoint_saved: Global___CheckpointSaved | None = ...,
-        log: Global___LogLine | None = ...,
-        result: Global___JobResult | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_saved", b"checkpoint_saved", "epoch_ended", b"epoch_ended", "kind", b"kind", "log", b"log", "progress", b"progress", "result", b"result", "state_changed", b"state_changed", "time", b"time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_saved", b"checkpoint_saved", "epoch_ended", b"epoch_ended", "kind", b"kind", "log", b"log", "progress", b"progress", "result", b"result", "sequence", b"sequence", "state_changed", b"state_changed", "time", b"time"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["state_changed", "progress", "epoch_ended", "checkpoint_saved", "log", "result"]  # noqa: Y015
-    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
-
-Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
 
 @_typing.final
 class WatchJobRequest(_message.Message):
@@ -1691,13 +535,13 @@ class WatchJobResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> Global___JobEvent:
+    def event(self) -> _job_pb2.JobEvent:
         """The event."""
 
     def __init__(
         self,
         *,
-        event: Global___JobEvent | None = ...,
+        event: _job_pb2.JobEvent | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1754,13 +598,13 @@ class ListJobEventsResponse(_message.Message):
     pass it as `page_token`.
     """
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobEvent]:
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.JobEvent]:
         """Events in sequence order."""
 
     def __init__(
         self,
         *,
-        events: _abc.Iterable[Global___JobEvent] | None = ...,
+        events: _abc.Iterable[_job_pb2.JobEvent] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

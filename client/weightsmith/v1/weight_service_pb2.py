@@ -22,55 +22,50 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from weightsmith.v1 import edits_pb2 as weightsmith_dot_v1_dot_edits__pb2
+from weightsmith.v1 import revision_pb2 as weightsmith_dot_v1_dot_revision__pb2
 from weightsmith.v1 import selector_pb2 as weightsmith_dot_v1_dot_selector__pb2
 from weightsmith.v1 import tensor_pb2 as weightsmith_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#weightsmith/v1/weight_service.proto\x12\x0eweightsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aweightsmith/v1/edits.proto\x1a\x1dweightsmith/v1/selector.proto\x1a\x1bweightsmith/v1/tensor.proto\"\xcc\x02\n\x08Revision\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12*\n\x04kind\x18\x06 \x01(\x0e\x32\x1c.weightsmith.v1.RevisionKind\x12\x19\n\x11\x63hanged_variables\x18\x07 \x03(\t\x12\x0f\n\x07summary\x18\x08 \x01(\t\x12\x1c\n\x14\x61rchitecture_changed\x18\t \x01(\x08\x12\x14\n\x0cstored_bytes\x18\n \x01(\x03\x12)\n\x05\x65\x64its\x18\x0b \x03(\x0b\x32\x1a.weightsmith.v1.EditResult\x12\x13\n\x0breverted_to\x18\x0c \x01(\x03\"\x86\x01\n\x12ReadWeightsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x32\n\x08selector\x18\x02 \x01(\x0b\x32 .weightsmith.v1.VariableSelector\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x18\n\x10\x63hunk_size_bytes\x18\x04 \x01(\x03\"S\n\x13ReadWeightsResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1b.weightsmith.v1.TensorChunk\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x87\x01\n\x12WriteWeightsHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x18\n\x10\x61llow_non_finite\x18\x04 \x01(\x08\x42\x14\n\x12_expected_revision\"\x84\x01\n\x13WriteWeightsRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".weightsmith.v1.WriteWeightsHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.weightsmith.v1.TensorChunkH\x00\x42\t\n\x07payload\"B\n\x14WriteWeightsResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision\"O\n\x14ListRevisionsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListRevisionsResponse\x12+\n\trevisions\x18\x01 \x03(\x0b\x32\x18.weightsmith.v1.Revision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x12GetRevisionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"A\n\x13GetRevisionResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision\"\xa2\x01\n\x11\x41pplyEditsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12#\n\x05\x65\x64its\x18\x02 \x03(\x0b\x32\x14.weightsmith.v1.Edit\x12\x1e\n\x11\x65xpected_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x42\x14\n\x12_expected_revision\"m\n\x12\x41pplyEditsResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.weightsmith.v1.EditResult\"T\n\x14\x44iffRevisionsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x03\x12\x13\n\x0bto_revision\x18\x03 \x01(\x03\"v\n\x0cVariableDiff\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65lta_l2\x18\x02 \x01(\x01\x12\x15\n\rmax_abs_delta\x18\x03 \x01(\x01\x12\x18\n\x10\x66raction_changed\x18\x04 \x01(\x01\x12\x15\n\rshape_changed\x18\x05 \x01(\x08\"\xc9\x01\n\x15\x44iffRevisionsResponse\x12\x15\n\rfrom_revision\x18\x01 \x01(\x03\x12\x13\n\x0bto_revision\x18\x02 \x01(\x03\x12-\n\x07\x63hanged\x18\x03 \x03(\x0b\x32\x1c.weightsmith.v1.VariableDiff\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x04 \x03(\t\x12\x0f\n\x07removed\x18\x05 \x03(\t\x12\x17\n\x0funchanged_count\x18\x06 \x01(\x03\x12\x1c\n\x14\x61rchitecture_changed\x18\x07 \x01(\x08\"\x82\x01\n\x12RevertModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bto_revision\x18\x02 \x01(\x03\x12\x1e\n\x11\x65xpected_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\tB\x14\n\x12_expected_revision\"A\n\x13RevertModelResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision*\xcb\x01\n\x0cRevisionKind\x12\x1d\n\x19REVISION_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14REVISION_KIND_CREATE\x10\x01\x12\x18\n\x14REVISION_KIND_UPLOAD\x10\x02\x12\x1f\n\x1bREVISION_KIND_WRITE_WEIGHTS\x10\x03\x12\x16\n\x12REVISION_KIND_EDIT\x10\x04\x12\x18\n\x14REVISION_KIND_REVERT\x10\x05\x12\x15\n\x11REVISION_KIND_JOB\x10\x06\x32\x87\x05\n\rWeightService\x12X\n\x0bReadWeights\x12\".weightsmith.v1.ReadWeightsRequest\x1a#.weightsmith.v1.ReadWeightsResponse0\x01\x12[\n\x0cWriteWeights\x12#.weightsmith.v1.WriteWeightsRequest\x1a$.weightsmith.v1.WriteWeightsResponse(\x01\x12\\\n\rListRevisions\x12$.weightsmith.v1.ListRevisionsRequest\x1a%.weightsmith.v1.ListRevisionsResponse\x12V\n\x0bGetRevision\x12\".weightsmith.v1.GetRevisionRequest\x1a#.weightsmith.v1.GetRevisionResponse\x12S\n\nApplyEdits\x12!.weightsmith.v1.ApplyEditsRequest\x1a\".weightsmith.v1.ApplyEditsResponse\x12\\\n\rDiffRevisions\x12$.weightsmith.v1.DiffRevisionsRequest\x1a%.weightsmith.v1.DiffRevisionsResponse\x12V\n\x0bRevertModel\x12\".weightsmith.v1.RevertModelRequest\x1a#.weightsmith.v1.RevertModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#weightsmith/v1/weight_service.proto\x12\x0eweightsmith.v1\x1a\x1aweightsmith/v1/edits.proto\x1a\x1dweightsmith/v1/revision.proto\x1a\x1dweightsmith/v1/selector.proto\x1a\x1bweightsmith/v1/tensor.proto\"\x86\x01\n\x12ReadWeightsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x32\n\x08selector\x18\x02 \x01(\x0b\x32 .weightsmith.v1.VariableSelector\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x18\n\x10\x63hunk_size_bytes\x18\x04 \x01(\x03\"S\n\x13ReadWeightsResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1b.weightsmith.v1.TensorChunk\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x87\x01\n\x12WriteWeightsHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x18\n\x10\x61llow_non_finite\x18\x04 \x01(\x08\x42\x14\n\x12_expected_revision\"\x84\x01\n\x13WriteWeightsRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".weightsmith.v1.WriteWeightsHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.weightsmith.v1.TensorChunkH\x00\x42\t\n\x07payload\"B\n\x14WriteWeightsResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision\"O\n\x14ListRevisionsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListRevisionsResponse\x12+\n\trevisions\x18\x01 \x03(\x0b\x32\x18.weightsmith.v1.Revision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x12GetRevisionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"A\n\x13GetRevisionResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision\"\xa2\x01\n\x11\x41pplyEditsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12#\n\x05\x65\x64its\x18\x02 \x03(\x0b\x32\x14.weightsmith.v1.Edit\x12\x1e\n\x11\x65xpected_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x42\x14\n\x12_expected_revision\"m\n\x12\x41pplyEditsResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.weightsmith.v1.EditResult\"T\n\x14\x44iffRevisionsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x03\x12\x13\n\x0bto_revision\x18\x03 \x01(\x03\"\xc9\x01\n\x15\x44iffRevisionsResponse\x12\x15\n\rfrom_revision\x18\x01 \x01(\x03\x12\x13\n\x0bto_revision\x18\x02 \x01(\x03\x12-\n\x07\x63hanged\x18\x03 \x03(\x0b\x32\x1c.weightsmith.v1.VariableDiff\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x04 \x03(\t\x12\x0f\n\x07removed\x18\x05 \x03(\t\x12\x17\n\x0funchanged_count\x18\x06 \x01(\x03\x12\x1c\n\x14\x61rchitecture_changed\x18\x07 \x01(\x08\"\x82\x01\n\x12RevertModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bto_revision\x18\x02 \x01(\x03\x12\x1e\n\x11\x65xpected_revision\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x04 \x01(\tB\x14\n\x12_expected_revision\"A\n\x13RevertModelResponse\x12*\n\x08revision\x18\x01 \x01(\x0b\x32\x18.weightsmith.v1.Revision2\x87\x05\n\rWeightService\x12X\n\x0bReadWeights\x12\".weightsmith.v1.ReadWeightsRequest\x1a#.weightsmith.v1.ReadWeightsResponse0\x01\x12[\n\x0cWriteWeights\x12#.weightsmith.v1.WriteWeightsRequest\x1a$.weightsmith.v1.WriteWeightsResponse(\x01\x12\\\n\rListRevisions\x12$.weightsmith.v1.ListRevisionsRequest\x1a%.weightsmith.v1.ListRevisionsResponse\x12V\n\x0bGetRevision\x12\".weightsmith.v1.GetRevisionRequest\x1a#.weightsmith.v1.GetRevisionResponse\x12S\n\nApplyEdits\x12!.weightsmith.v1.ApplyEditsRequest\x1a\".weightsmith.v1.ApplyEditsResponse\x12\\\n\rDiffRevisions\x12$.weightsmith.v1.DiffRevisionsRequest\x1a%.weightsmith.v1.DiffRevisionsResponse\x12V\n\x0bRevertModel\x12\".weightsmith.v1.RevertModelRequest\x1a#.weightsmith.v1.RevertModelResponseB\x83\x01\n\x12\x64\x65v.weightsmith.v1B\x12WeightServiceProtoP\x01ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\xaa\x02\x0eWeightsmith.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightsmith.v1.weight_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_REVISIONKIND']._serialized_start=2262
-  _globals['_REVISIONKIND']._serialized_end=2465
-  _globals['_REVISION']._serialized_start=177
-  _globals['_REVISION']._serialized_end=509
-  _globals['_READWEIGHTSREQUEST']._serialized_start=512
-  _globals['_READWEIGHTSREQUEST']._serialized_end=646
-  _globals['_READWEIGHTSRESPONSE']._serialized_start=648
-  _globals['_READWEIGHTSRESPONSE']._serialized_end=731
-  _globals['_WRITEWEIGHTSHEADER']._serialized_start=734
-  _globals['_WRITEWEIGHTSHEADER']._serialized_end=869
-  _globals['_WRITEWEIGHTSREQUEST']._serialized_start=872
-  _globals['_WRITEWEIGHTSREQUEST']._serialized_end=1004
-  _globals['_WRITEWEIGHTSRESPONSE']._serialized_start=1006
-  _globals['_WRITEWEIGHTSRESPONSE']._serialized_end=1072
-  _globals['_LISTREVISIONSREQUEST']._serialized_start=1074
-  _globals['_LISTREVISIONSREQUEST']._serialized_end=1153
-  _globals['_LISTREVISIONSRESPONSE']._serialized_start=1155
-  _globals['_LISTREVISIONSRESPONSE']._serialized_end=1248
-  _globals['_GETREVISIONREQUEST']._serialized_start=1250
-  _globals['_GETREVISIONREQUEST']._serialized_end=1306
-  _globals['_GETREVISIONRESPONSE']._serialized_start=1308
-  _globals['_GETREVISIONRESPONSE']._serialized_end=1373
-  _globals['_APPLYEDITSREQUEST']._serialized_start=1376
-  _globals['_APPLYEDITSREQUEST']._serialized_end=1538
-  _globals['_APPLYEDITSRESPONSE']._serialized_start=1540
-  _globals['_APPLYEDITSRESPONSE']._serialized_end=1649
-  _globals['_DIFFREVISIONSREQUEST']._serialized_start=1651
-  _globals['_DIFFREVISIONSREQUEST']._serialized_end=1735
-  _globals['_VARIABLEDIFF']._serialized_start=1737
-  _globals['_VARIABLEDIFF']._serialized_end=1855
-  _globals['_DIFFREVISIONSRESPONSE']._serialized_start=1858
-  _globals['_DIFFREVISIONSRESPONSE']._serialized_end=2059
-  _globals['_REVERTMODELREQUEST']._serialized_start=2062
-  _globals['_REVERTMODELREQUEST']._serialized_end=2192
-  _globals['_REVERTMODELRESPONSE']._serialized_start=2194
-  _globals['_REVERTMODELRESPONSE']._serialized_end=2259
-  _globals['_WEIGHTSERVICE']._serialized_start=2468
-  _globals['_WEIGHTSERVICE']._serialized_end=3115
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.weightsmith.v1B\022WeightServiceProtoP\001ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\252\002\016Weightsmith.V1'
+  _globals['_READWEIGHTSREQUEST']._serialized_start=175
+  _globals['_READWEIGHTSREQUEST']._serialized_end=309
+  _globals['_READWEIGHTSRESPONSE']._serialized_start=311
+  _globals['_READWEIGHTSRESPONSE']._serialized_end=394
+  _globals['_WRITEWEIGHTSHEADER']._serialized_start=397
+  _globals['_WRITEWEIGHTSHEADER']._serialized_end=532
+  _globals['_WRITEWEIGHTSREQUEST']._serialized_start=535
+  _globals['_WRITEWEIGHTSREQUEST']._serialized_end=667
+  _globals['_WRITEWEIGHTSRESPONSE']._serialized_start=669
+  _globals['_WRITEWEIGHTSRESPONSE']._serialized_end=735
+  _globals['_LISTREVISIONSREQUEST']._serialized_start=737
+  _globals['_LISTREVISIONSREQUEST']._serialized_end=816
+  _globals['_LISTREVISIONSRESPONSE']._serialized_start=818
+  _globals['_LISTREVISIONSRESPONSE']._serialized_end=911
+  _globals['_GETREVISIONREQUEST']._serialized_start=913
+  _globals['_GETREVISIONREQUEST']._serialized_end=969
+  _globals['_GETREVISIONRESPONSE']._serialized_start=971
+  _globals['_GETREVISIONRESPONSE']._serialized_end=1036
+  _globals['_APPLYEDITSREQUEST']._serialized_start=1039
+  _globals['_APPLYEDITSREQUEST']._serialized_end=1201
+  _globals['_APPLYEDITSRESPONSE']._serialized_start=1203
+  _globals['_APPLYEDITSRESPONSE']._serialized_end=1312
+  _globals['_DIFFREVISIONSREQUEST']._serialized_start=1314
+  _globals['_DIFFREVISIONSREQUEST']._serialized_end=1398
+  _globals['_DIFFREVISIONSRESPONSE']._serialized_start=1401
+  _globals['_DIFFREVISIONSRESPONSE']._serialized_end=1602
+  _globals['_REVERTMODELREQUEST']._serialized_start=1605
+  _globals['_REVERTMODELREQUEST']._serialized_end=1735
+  _globals['_REVERTMODELRESPONSE']._serialized_start=1737
+  _globals['_REVERTMODELRESPONSE']._serialized_end=1802
+  _globals['_WEIGHTSERVICE']._serialized_start=1805
+  _globals['_WEIGHTSERVICE']._serialized_end=2452
 # @@protoc_insertion_point(module_scope)

@@ -6,10 +6,9 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from weightsmith.v1 import edits_pb2 as _edits_pb2
+from weightsmith.v1 import revision_pb2 as _revision_pb2
 from weightsmith.v1 import selector_pb2 as _selector_pb2
 from weightsmith.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
@@ -22,126 +21,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _RevisionKind:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _RevisionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RevisionKind.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    REVISION_KIND_UNSPECIFIED: _RevisionKind.ValueType  # 0
-    """Not set."""
-    REVISION_KIND_CREATE: _RevisionKind.ValueType  # 1
-    """The model was created by CreateModel."""
-    REVISION_KIND_UPLOAD: _RevisionKind.ValueType  # 2
-    """The model was created by UploadModel."""
-    REVISION_KIND_WRITE_WEIGHTS: _RevisionKind.ValueType  # 3
-    """Variables were overwritten by WriteWeights."""
-    REVISION_KIND_EDIT: _RevisionKind.ValueType  # 4
-    """A batch of edits was applied by ApplyEdits."""
-    REVISION_KIND_REVERT: _RevisionKind.ValueType  # 5
-    """An earlier revision was restored by RevertModel."""
-    REVISION_KIND_JOB: _RevisionKind.ValueType  # 6
-    """A fine-tuning job committed its result."""
-
-class RevisionKind(_RevisionKind, metaclass=_RevisionKindEnumTypeWrapper):
-    """What kind of change a revision records."""
-
-REVISION_KIND_UNSPECIFIED: RevisionKind.ValueType  # 0
-"""Not set."""
-REVISION_KIND_CREATE: RevisionKind.ValueType  # 1
-"""The model was created by CreateModel."""
-REVISION_KIND_UPLOAD: RevisionKind.ValueType  # 2
-"""The model was created by UploadModel."""
-REVISION_KIND_WRITE_WEIGHTS: RevisionKind.ValueType  # 3
-"""Variables were overwritten by WriteWeights."""
-REVISION_KIND_EDIT: RevisionKind.ValueType  # 4
-"""A batch of edits was applied by ApplyEdits."""
-REVISION_KIND_REVERT: RevisionKind.ValueType  # 5
-"""An earlier revision was restored by RevertModel."""
-REVISION_KIND_JOB: RevisionKind.ValueType  # 6
-"""A fine-tuning job committed its result."""
-Global___RevisionKind: _TypeAlias = RevisionKind  # noqa: Y015
-
-@_typing.final
-class Revision(_message.Message):
-    """One committed state of a model in its linear history."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MODEL_ID_FIELD_NUMBER: _builtins.int
-    REVISION_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    AUTHOR_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    KIND_FIELD_NUMBER: _builtins.int
-    CHANGED_VARIABLES_FIELD_NUMBER: _builtins.int
-    SUMMARY_FIELD_NUMBER: _builtins.int
-    ARCHITECTURE_CHANGED_FIELD_NUMBER: _builtins.int
-    STORED_BYTES_FIELD_NUMBER: _builtins.int
-    EDITS_FIELD_NUMBER: _builtins.int
-    REVERTED_TO_FIELD_NUMBER: _builtins.int
-    model_id: _builtins.str
-    """Output only. The model's id."""
-    revision: _builtins.int
-    """Output only. The revision number: 1 for the created model, then +1 per
-    mutation.
-    """
-    author: _builtins.str
-    """Output only. Who committed it: the `weightsmith-author` request
-    metadata, else the caller's peer address.
-    """
-    message: _builtins.str
-    """Output only. The message given with the mutation."""
-    kind: Global___RevisionKind.ValueType
-    """Output only. What kind of mutation it records."""
-    summary: _builtins.str
-    """Output only. One-line human-readable summary of the change."""
-    architecture_changed: _builtins.bool
-    """Output only. Whether the architecture changed (always true for
-    revision 1).
-    """
-    stored_bytes: _builtins.int
-    """Output only. Bytes of variable data this revision stored."""
-    reverted_to: _builtins.int
-    """Output only. For reverts, the revision restored."""
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When it was committed."""
-
-    @_builtins.property
-    def changed_variables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. Paths of the variables whose values this revision changed
-        (every variable for revision 1).
-        """
-
-    @_builtins.property
-    def edits(self) -> _containers.RepeatedCompositeFieldContainer[_edits_pb2.EditResult]:
-        """Output only. For edits, what each edit of the batch did."""
-
-    def __init__(
-        self,
-        *,
-        model_id: _builtins.str = ...,
-        revision: _builtins.int = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        author: _builtins.str = ...,
-        message: _builtins.str = ...,
-        kind: Global___RevisionKind.ValueType = ...,
-        changed_variables: _abc.Iterable[_builtins.str] | None = ...,
-        summary: _builtins.str = ...,
-        architecture_changed: _builtins.bool = ...,
-        stored_bytes: _builtins.int = ...,
-        edits: _abc.Iterable[_edits_pb2.EditResult] | None = ...,
-        reverted_to: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_changed", b"architecture_changed", "author", b"author", "changed_variables", b"changed_variables", "create_time", b"create_time", "edits", b"edits", "kind", b"kind", "message", b"message", "model_id", b"model_id", "reverted_to", b"reverted_to", "revision", b"revision", "stored_bytes", b"stored_bytes", "summary", b"summary"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Revision: _TypeAlias = Revision  # noqa: Y015
 
 @_typing.final
 class ReadWeightsRequest(_message.Message):
@@ -292,13 +171,13 @@ class WriteWeightsResponse(_message.Message):
 
     REVISION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def revision(self) -> Global___Revision:
+    def revision(self) -> _revision_pb2.Revision:
         """The committed revision."""
 
     def __init__(
         self,
         *,
-        revision: Global___Revision | None = ...,
+        revision: _revision_pb2.Revision | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -349,13 +228,13 @@ class ListRevisionsResponse(_message.Message):
     next_page_token: _builtins.str
     """If not empty, there may be more results; pass it as `page_token`."""
     @_builtins.property
-    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Revision]:
+    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[_revision_pb2.Revision]:
         """The revisions of this page, newest first."""
 
     def __init__(
         self,
         *,
-        revisions: _abc.Iterable[Global___Revision] | None = ...,
+        revisions: _abc.Iterable[_revision_pb2.Revision] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -400,13 +279,13 @@ class GetRevisionResponse(_message.Message):
 
     REVISION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def revision(self) -> Global___Revision:
+    def revision(self) -> _revision_pb2.Revision:
         """The revision."""
 
     def __init__(
         self,
         *,
-        revision: Global___Revision | None = ...,
+        revision: _revision_pb2.Revision | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -469,7 +348,7 @@ class ApplyEditsResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def revision(self) -> Global___Revision:
+    def revision(self) -> _revision_pb2.Revision:
         """The committed revision; unset for a dry run."""
 
     @_builtins.property
@@ -479,7 +358,7 @@ class ApplyEditsResponse(_message.Message):
     def __init__(
         self,
         *,
-        revision: Global___Revision | None = ...,
+        revision: _revision_pb2.Revision | None = ...,
         results: _abc.Iterable[_edits_pb2.EditResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
@@ -521,44 +400,6 @@ class DiffRevisionsRequest(_message.Message):
 Global___DiffRevisionsRequest: _TypeAlias = DiffRevisionsRequest  # noqa: Y015
 
 @_typing.final
-class VariableDiff(_message.Message):
-    """How one variable differs between two revisions."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PATH_FIELD_NUMBER: _builtins.int
-    DELTA_L2_FIELD_NUMBER: _builtins.int
-    MAX_ABS_DELTA_FIELD_NUMBER: _builtins.int
-    FRACTION_CHANGED_FIELD_NUMBER: _builtins.int
-    SHAPE_CHANGED_FIELD_NUMBER: _builtins.int
-    path: _builtins.str
-    """The variable path."""
-    delta_l2: _builtins.float
-    """L2 norm of `to - from`."""
-    max_abs_delta: _builtins.float
-    """Largest absolute element of `to - from`."""
-    fraction_changed: _builtins.float
-    """Fraction of elements that differ, 0 to 1."""
-    shape_changed: _builtins.bool
-    """Whether the shape or dtype differs (the deltas are then unset)."""
-    def __init__(
-        self,
-        *,
-        path: _builtins.str = ...,
-        delta_l2: _builtins.float = ...,
-        max_abs_delta: _builtins.float = ...,
-        fraction_changed: _builtins.float = ...,
-        shape_changed: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_l2", b"delta_l2", "fraction_changed", b"fraction_changed", "max_abs_delta", b"max_abs_delta", "path", b"path", "shape_changed", b"shape_changed"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___VariableDiff: _TypeAlias = VariableDiff  # noqa: Y015
-
-@_typing.final
 class DiffRevisionsResponse(_message.Message):
     """Response for WeightService.DiffRevisions."""
 
@@ -580,7 +421,7 @@ class DiffRevisionsResponse(_message.Message):
     architecture_changed: _builtins.bool
     """Whether the architecture differs."""
     @_builtins.property
-    def changed(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariableDiff]:
+    def changed(self) -> _containers.RepeatedCompositeFieldContainer[_revision_pb2.VariableDiff]:
         """Variables in both revisions whose values differ, in the later
         revision's order.
         """
@@ -598,7 +439,7 @@ class DiffRevisionsResponse(_message.Message):
         *,
         from_revision: _builtins.int = ...,
         to_revision: _builtins.int = ...,
-        changed: _abc.Iterable[Global___VariableDiff] | None = ...,
+        changed: _abc.Iterable[_revision_pb2.VariableDiff] | None = ...,
         added: _abc.Iterable[_builtins.str] | None = ...,
         removed: _abc.Iterable[_builtins.str] | None = ...,
         unchanged_count: _builtins.int = ...,
@@ -656,13 +497,13 @@ class RevertModelResponse(_message.Message):
 
     REVISION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def revision(self) -> Global___Revision:
+    def revision(self) -> _revision_pb2.Revision:
         """The new revision, equal in weights and architecture to `to_revision`."""
 
     def __init__(
         self,
         *,
-        revision: Global___Revision | None = ...,
+        revision: _revision_pb2.Revision | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from weightsmith.v1 import error_reason_pb2
 from weightsmith_server import errors
 
+log = logging.getLogger(__name__)
+
 ERROR_DOMAIN = "weightsmith.v1"
+# The reasons clients are told about: `weightsmith.v1.ErrorReason`.
+_CATALOG = frozenset(error_reason_pb2.ErrorReason.keys())
 
 _CODES: dict[type[errors.WeightsmithError], int] = {
     errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,
@@ -30,6 +37,9 @@ def _pack(message: object) -> any_pb2.Any:
 
 def to_status(error: errors.WeightsmithError) -> grpc.Status:
     """A status with ErrorInfo, plus BadRequest or PreconditionFailure details."""
+    if error.reason not in _CATALOG:
+        # A programming mistake: the reason is sent anyway, as the error is still right.
+        log.error("error reason %r is not in error_reason.proto's ErrorReason catalog", error.reason)
     code = _CODES.get(type(error), code_pb2.INTERNAL)
     for cls, value in _CODES.items():
         if isinstance(error, cls):

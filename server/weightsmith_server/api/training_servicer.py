@@ -1,4 +1,4 @@
-"""TrainingService: datasets and jobs; decode, await the domain, encode."""
+"""TrainingService: datasets and jobs; decode, await one training operation, encode."""
 
 from __future__ import annotations
 
@@ -6,101 +6,98 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from weightsmith.v1 import dataset_pb2, job_pb2
 from weightsmith.v1 import training_service_pb2 as pb
-from weightsmith.v1 import training_service_pb2_grpc
-from weightsmith_server.api import training_convert as convert
-from weightsmith_server.api.convert import upload_chunks
-from weightsmith_server.datasets import DatasetStore
-from weightsmith_server.errors import InvalidArgument
-from weightsmith_server.jobs.manager import JobManager
+from weightsmith_server.api.codecs import datasets as dataset_codec
+from weightsmith_server.api.codecs import jobs as job_codec
+from weightsmith_server.api.codecs import streams
+from weightsmith_server.operations.training import DatasetView, JobView, TrainingOperations
+
+SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"]
 
 
-class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
+def _dataset(view: DatasetView) -> dataset_pb2.Dataset:
+    return dataset_codec.dataset(view.info, view.used_by)
+
+
+def _job(view: JobView) -> job_pb2.Job:
+    return job_codec.job(view.record, view.last_sequence)
+
+
+class TrainingServicer:
     """Upload and manage datasets; create, watch and cancel fine-tuning jobs."""
 
-    def __init__(self, datasets: DatasetStore, jobs: JobManager) -> None:
-        self._datasets = datasets
-        self._jobs = jobs
-
-    def _dataset(self, info: object) -> pb.Dataset:
-        return convert.dataset(info, self._jobs.dataset_users(info.dataset_id))  # type: ignore[attr-defined]
+    def __init__(self, operations: TrainingOperations) -> None:
+        self._operations = operations
 
     async def UploadDataset(
         self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: grpc.aio.ServicerContext
     ) -> pb.UploadDatasetResponse:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("payload") != "header":
-            raise InvalidArgument(
-                "The first message of an upload must be the header.", reason="MISSING_HEADER", field="header"
-            )
-        header = first.header
-        info = await self._datasets.upload(
+        header = await streams.header(request_iterator, "an upload")
+        view = await self._operations.upload_dataset(
             header.dataset_id,
-            convert.dataset_source(header.source, "header.source"),
+            dataset_codec.dataset_source(header.source, "header.source"),
             header.size_bytes,
-            upload_chunks(request_iterator),
+            streams.upload_chunks(request_iterator),
         )
-        return pb.UploadDatasetResponse(dataset=self._dataset(info))
+        return pb.UploadDatasetResponse(dataset=_dataset(view))
 
     async def CreateDataset(
         self, request: pb.CreateDatasetRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateDatasetResponse:
-        source = convert.dataset_source(request.source, "source")
-        info = await self._datasets.create(request.dataset_id, source, request.uri)
-        return pb.CreateDatasetResponse(dataset=self._dataset(info))
+        source = dataset_codec.dataset_source(request.source, "source")
+        view = await self._operations.create_dataset(request.dataset_id, source, request.uri)
+        return pb.CreateDatasetResponse(dataset=_dataset(view))
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDatasetResponse:
-        return pb.GetDatasetResponse(dataset=self._dataset(self._datasets.get(request.dataset_id)))
+        return pb.GetDatasetResponse(dataset=_dataset(await self._operations.get_dataset(request.dataset_id)))
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDatasetsResponse:
-        infos, token = self._datasets.list(request.page_size, request.page_token)
-        return pb.ListDatasetsResponse(datasets=[self._dataset(i) for i in infos], next_page_token=token)
+        views, token = await self._operations.list_datasets(request.page_size, request.page_token)
+        return pb.ListDatasetsResponse(datasets=[_dataset(v) for v in views], next_page_token=token)
 
     async def DeleteDataset(
         self, request: pb.DeleteDatasetRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteDatasetResponse:
-        await self._datasets.delete(request.dataset_id, self._jobs.dataset_users)
+        await self._operations.delete_dataset(request.dataset_id)
         return pb.DeleteDatasetResponse()
-
-    def _job(self, record: object) -> pb.Job:
-        return convert.job(record, self._jobs.last_sequence(record.job_id))  # type: ignore[arg-type, attr-defined]
 
     async def CreateJob(
         self, request: pb.CreateJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateJobResponse:
-        record = await self._jobs.create(
-            request.job_id, convert.training_spec(request.spec), convert.spec_document(request.spec)
-        )
-        return pb.CreateJobResponse(job=self._job(record))
+        view = await self._operations.create_job(request.job_id, job_codec.training_spec(request.spec))
+        return pb.CreateJobResponse(job=_job(view))
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=self._job(self._jobs.get(request.job_id)))
+        return pb.GetJobResponse(job=_job(await self._operations.get_job(request.job_id)))
 
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListJobsResponse:
-        records, token = self._jobs.list(request.page_size, request.page_token)
-        return pb.ListJobsResponse(jobs=[self._job(r) for r in records], next_page_token=token)
+        views, token = await self._operations.list_jobs(request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=[_job(v) for v in views], next_page_token=token)
 
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelJobResponse:
-        return pb.CancelJobResponse(job=self._job(await self._jobs.cancel(request.job_id)))
+        return pb.CancelJobResponse(job=_job(await self._operations.cancel_job(request.job_id)))
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobResponse]:
-        async for raw in self._jobs.watch(request.job_id, request.after_sequence):
-            yield pb.WatchJobResponse(event=convert.event(raw))
+        async for event in self._operations.watch_job(request.job_id, request.after_sequence):
+            yield pb.WatchJobResponse(event=job_codec.job_event(event))
 
     async def ListJobEvents(
         self, request: pb.ListJobEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListJobEventsResponse:
-        events, token = self._jobs.events_page(
+        events, token = await self._operations.list_job_events(
             request.job_id, request.after_sequence, request.page_size, request.page_token
         )
-        return pb.ListJobEventsResponse(events=[convert.event(e) for e in events], next_page_token=token)
+        return pb.ListJobEventsResponse(
+            events=[job_codec.job_event(e) for e in events], next_page_token=token
+        )

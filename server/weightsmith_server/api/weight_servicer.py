@@ -1,8 +1,7 @@
-"""WeightService: weight streams and revision history.
+"""WeightService: decode the request, await one weight operation, encode the answer.
 
-ReadWeights and WriteWeights are registered with the zero-copy chunk codec
-(`tensors.serialize_read_response`, `tensors.parse_write_request`) instead of
-the generated message classes; the bytes on the wire are the same.
+ReadWeights and WriteWeights move tensors through the zero-copy chunk codec
+(`weightsmith.wire`): their (de)serializers are swapped in at registration.
 """
 
 from __future__ import annotations
@@ -11,30 +10,37 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from weightsmith import _wire
-from weightsmith.v1 import weight_service_pb2, weight_service_pb2_grpc
-from weightsmith_server import revisions, tensors, weights
-from weightsmith_server.api import convert
-from weightsmith_server.edits.engine import apply_edits
-from weightsmith_server.errors import InvalidArgument
-from weightsmith_server.registry import Registry
+from weightsmith import wire
+from weightsmith.v1 import weight_service_pb2 as pb
+from weightsmith_server.api.codecs import edits as edit_codecs
+from weightsmith_server.api.codecs import revisions as codecs
+from weightsmith_server.api.codecs import streams, tensors
+from weightsmith_server.api.codecs.selectors import selector
+from weightsmith_server.api.identity import author
+from weightsmith_server.operations.weights import WeightOperations
 
-SERVICE_NAME = "weightsmith.v1.WeightService"
+SERVICE = pb.DESCRIPTOR.services_by_name["WeightService"]
+REQUEST_DESERIALIZERS = {"WriteWeights": tensors.parse_write_request}
+RESPONSE_SERIALIZERS = {"ReadWeights": tensors.serialize_read_response}
 
 
-class WeightServicer(weight_service_pb2_grpc.WeightServiceServicer):
-    """Read and write weights; list and get revisions."""
+def _expected(message: object) -> int | None:
+    return message.expected_revision if message.HasField("expected_revision") else None  # type: ignore[attr-defined]
 
-    def __init__(self, registry: Registry, chunk_bytes: int) -> None:
-        self._registry = registry
+
+class WeightServicer:
+    """Read and write weights, edit them, and walk and restore their history."""
+
+    def __init__(self, operations: WeightOperations, chunk_bytes: int) -> None:
+        self._weights = operations
         self._chunk_bytes = chunk_bytes
 
     async def ReadWeights(
-        self, request: weight_service_pb2.ReadWeightsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReadWeightsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        chunk_bytes = _chunk_size(request.chunk_size_bytes, self._chunk_bytes)
-        revision, arrays = await self._registry.read_weights(
-            request.model_id, convert.selector(request.selector), request.revision
+        chunk_bytes = tensors.chunk_size(request.chunk_size_bytes, self._chunk_bytes)
+        revision, arrays = await self._weights.read_weights(
+            request.model_id, selector(request.selector), request.revision
         )
         for path, array in arrays:
             for message in tensors.encode_read_chunks(path, array, chunk_bytes, revision):
@@ -42,132 +48,67 @@ class WeightServicer(weight_service_pb2_grpc.WeightServiceServicer):
 
     async def WriteWeights(
         self,
-        request_iterator: AsyncIterator[_wire.ChunkView | weight_service_pb2.WriteWeightsRequest],
+        request_iterator: AsyncIterator[wire.ChunkView | pb.WriteWeightsRequest],
         context: grpc.aio.ServicerContext,
-    ) -> weight_service_pb2.WriteWeightsResponse:
-        first = await anext(aiter(request_iterator), None)
-        if (
-            not isinstance(first, weight_service_pb2.WriteWeightsRequest)
-            or first.WhichOneof("payload") != "header"
-        ):
-            raise InvalidArgument(
-                "The first message of a weight write must be the header.",
-                reason="MISSING_HEADER",
-                field="header",
-            )
-        header = first.header
-        record = await weights.write_weights(
-            self._registry,
+    ) -> pb.WriteWeightsResponse:
+        header = await streams.header(request_iterator, "a weight write")
+        record = await self._weights.write_weights(
             header.model_id,
-            expected_revision=header.expected_revision if header.HasField("expected_revision") else None,
+            streams.write_chunks(request_iterator),
+            expected_revision=_expected(header),
             message=header.message,
             allow_non_finite=header.allow_non_finite,
-            author=convert.author(context),
-            chunks=convert.write_chunks(request_iterator),
+            author=author(context),
         )
-        return weight_service_pb2.WriteWeightsResponse(revision=convert.revision(record))
+        return pb.WriteWeightsResponse(revision=codecs.revision(record))
 
     async def ListRevisions(
-        self, request: weight_service_pb2.ListRevisionsRequest, context: grpc.aio.ServicerContext
-    ) -> weight_service_pb2.ListRevisionsResponse:
-        records, token = self._registry.list_revisions(
+        self, request: pb.ListRevisionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRevisionsResponse:
+        records, token = await self._weights.list_revisions(
             request.model_id, request.page_size, request.page_token
         )
-        return weight_service_pb2.ListRevisionsResponse(
-            revisions=[convert.revision(r) for r in records], next_page_token=token
+        return pb.ListRevisionsResponse(
+            revisions=[codecs.revision(r) for r in records], next_page_token=token
         )
 
     async def GetRevision(
-        self, request: weight_service_pb2.GetRevisionRequest, context: grpc.aio.ServicerContext
-    ) -> weight_service_pb2.GetRevisionResponse:
-        record = self._registry.get_revision(request.model_id, request.revision)
-        return weight_service_pb2.GetRevisionResponse(revision=convert.revision(record))
+        self, request: pb.GetRevisionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRevisionResponse:
+        record = await self._weights.get_revision(request.model_id, request.revision)
+        return pb.GetRevisionResponse(revision=codecs.revision(record))
 
     async def ApplyEdits(
-        self, request: weight_service_pb2.ApplyEditsRequest, context: grpc.aio.ServicerContext
-    ) -> weight_service_pb2.ApplyEditsResponse:
-        record, reports = await apply_edits(
-            self._registry,
+        self, request: pb.ApplyEditsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyEditsResponse:
+        record, reports = await self._weights.apply_edits(
             request.model_id,
-            convert.edit_ops(request.edits),
-            expected_revision=request.expected_revision if request.HasField("expected_revision") else None,
+            edit_codecs.edit_ops(request.edits),
+            expected_revision=_expected(request),
             message=request.message,
             dry_run=request.dry_run,
-            author=convert.author(context),
+            author=author(context),
         )
-        return weight_service_pb2.ApplyEditsResponse(
-            revision=convert.revision(record) if record is not None else None,
-            results=[convert.edit_result(r) for r in reports],
+        return pb.ApplyEditsResponse(
+            revision=codecs.revision(record) if record is not None else None,
+            results=[codecs.edit_result(r) for r in reports],
         )
 
     async def DiffRevisions(
-        self, request: weight_service_pb2.DiffRevisionsRequest, context: grpc.aio.ServicerContext
-    ) -> weight_service_pb2.DiffRevisionsResponse:
-        result = await revisions.diff(
-            self._registry, request.model_id, request.from_revision, request.to_revision
-        )
-        return weight_service_pb2.DiffRevisionsResponse(
-            from_revision=result.from_revision,
-            to_revision=result.to_revision,
-            changed=[convert.variable_diff(d) for d in result.changed],
-            added=result.added,
-            removed=result.removed,
-            unchanged_count=result.unchanged_count,
-            architecture_changed=result.architecture_changed,
+        self, request: pb.DiffRevisionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DiffRevisionsResponse:
+        return codecs.diff(
+            await self._weights.diff_revisions(request.model_id, request.from_revision, request.to_revision)
         )
 
     async def RevertModel(
-        self, request: weight_service_pb2.RevertModelRequest, context: grpc.aio.ServicerContext
-    ) -> weight_service_pb2.RevertModelResponse:
-        record = await revisions.revert(
-            self._registry,
+        self, request: pb.RevertModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevertModelResponse:
+        record = await self._weights.revert(
             request.model_id,
             request.to_revision,
-            expected_revision=request.expected_revision if request.HasField("expected_revision") else None,
+            expected_revision=_expected(request),
             message=request.message,
-            author=convert.author(context),
+            author=author(context),
         )
-        return weight_service_pb2.RevertModelResponse(revision=convert.revision(record))
-
-
-def _chunk_size(requested: int, default: int) -> int:
-    if requested == 0:
-        return default
-    if not _wire.MIN_CHUNK_BYTES <= requested <= _wire.MAX_CHUNK_BYTES:
-        raise InvalidArgument(
-            f"Received chunk_size_bytes={requested}, expected 0 (server default) or "
-            f"{_wire.MIN_CHUNK_BYTES} to {_wire.MAX_CHUNK_BYTES}.",
-            reason="INVALID_CHUNK_SIZE",
-            field="chunk_size_bytes",
-        )
-    return requested
-
-
-def add_to_server(servicer: WeightServicer, server: grpc.aio.Server) -> None:
-    """Register the service, with the chunk codec on its two streaming methods."""
-    pb = weight_service_pb2
-    handlers = {
-        "ReadWeights": grpc.unary_stream_rpc_method_handler(
-            servicer.ReadWeights,
-            request_deserializer=pb.ReadWeightsRequest.FromString,
-            response_serializer=tensors.serialize_read_response,
-        ),
-        "WriteWeights": grpc.stream_unary_rpc_method_handler(
-            servicer.WriteWeights,
-            request_deserializer=tensors.parse_write_request,
-            response_serializer=pb.WriteWeightsResponse.SerializeToString,
-        ),
-    }
-    for name, request, response in (
-        ("ListRevisions", pb.ListRevisionsRequest, pb.ListRevisionsResponse),
-        ("GetRevision", pb.GetRevisionRequest, pb.GetRevisionResponse),
-        ("ApplyEdits", pb.ApplyEditsRequest, pb.ApplyEditsResponse),
-        ("DiffRevisions", pb.DiffRevisionsRequest, pb.DiffRevisionsResponse),
-        ("RevertModel", pb.RevertModelRequest, pb.RevertModelResponse),
-    ):
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        return pb.RevertModelResponse(revision=codecs.revision(record))

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.edits.base import EditOp, require_finite
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.selectors import Selector
-from weightsmith_server.store import numpy_dtype
 
 
 @dataclass(frozen=True)

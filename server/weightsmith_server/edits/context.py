@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from weightsmith_server import architecture
+from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.models import architecture
 from weightsmith_server.numerics import all_finite
 from weightsmith_server.selectors import Selector, select
-from weightsmith_server.store import VariableRecord, numpy_dtype
+from weightsmith_server.store import VariableRecord
 from weightsmith_server.variables import model_variables
 from weightsmith_server.zerocopy import snapshot
 
 if TYPE_CHECKING:
-    from weightsmith_server.registry import ModelState, Registry, ResidentModel
+    from weightsmith_server.models.host import ModelHost
+    from weightsmith_server.models.resident import ResidentModel
 
 
 @dataclass
@@ -57,18 +60,30 @@ def is_floating(dtype: np.dtype) -> bool:
 class EditContext:
     """A model's variables as a batch of edits sees and changes them."""
 
-    def __init__(self, registry: Registry, resident: ResidentModel, state: ModelState) -> None:
-        self.registry = registry
+    def __init__(self, host: ModelHost, resident: ResidentModel) -> None:
+        self.host = host
         self.resident = resident
-        self.state = state
-        self.layer_count = state.manifest.layer_count
-        self.records: dict[str, VariableRecord] = state.manifest.by_path()
+        # Taken once: the batch sees one revision throughout.
+        self.state = resident.state
+        self.layer_count = self.state.manifest.layer_count
+        self.records: dict[str, VariableRecord] = self.state.manifest.by_path()
         self.changed: set[str] = set()
         self.architecture_json: str | None = None
         self.keras_model: Any = None
         self._values: dict[str, np.ndarray] = {}
 
     # --- reading -------------------------------------------------------------
+
+    def other_model(
+        self, model_id: str, revision: int, *, field: str
+    ) -> tuple[dict[str, VariableRecord], Callable[[VariableRecord], np.ndarray]]:
+        """Another model's variables at a revision (0: current), read from the store.
+
+        Reads committed files only, so the values are those of exactly that
+        revision whatever commits meanwhile; takes no lock.
+        """
+        _, manifest = self.host.revision(model_id, revision, field=field, model_field=field)
+        return manifest.by_path(), lambda record: self.host.store.load_tensor(model_id, record)
 
     def select(self, selector: Selector, *, field: str = "selector") -> list[str]:
         entries = [r.entry for r in self.records.values()]
@@ -97,7 +112,7 @@ class EditContext:
         """The model's Keras config as it stands in this batch."""
         if self.architecture_json is None:
             model_id = self.resident.model_id
-            text = self.registry.store.read_architecture(model_id, self.state.revision.revision)
+            text = self.host.store.read_architecture(model_id, self.state.revision.revision)
         else:
             text = self.architecture_json
         return json.loads(text)

@@ -8,16 +8,12 @@ import numpy as np
 
 from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditContext, EditReport
-from weightsmith_server.errors import InvalidArgument, NotFound, WeightsmithError
-from weightsmith_server.registry import (
-    ModelState,
-    Prepared,
-    Registry,
-    ResidentModel,
-    check_expected_revision,
-    utc_now,
-)
-from weightsmith_server.store import Manifest, RevisionRecord, StagedRevision
+from weightsmith_server.errors import InvalidArgument, WeightsmithError
+from weightsmith_server.models.host import ModelHost
+from weightsmith_server.models.resident import ResidentModel
+from weightsmith_server.revisions.commit import Change, check_expected_revision
+from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
+from weightsmith_server.store import Manifest, StagedRevision
 
 
 def _apply_all(ctx: EditContext, ops: Sequence[EditOp]) -> list[EditReport]:
@@ -48,8 +44,8 @@ def _stage(ctx: EditContext, staged: StagedRevision) -> Manifest:
     )
 
 
-async def apply_edits(
-    registry: Registry,
+def apply_edits(
+    host: ModelHost,
     model_id: str,
     ops: Sequence[EditOp],
     *,
@@ -63,55 +59,33 @@ async def apply_edits(
     All new values are computed and checked before anything is written; an
     invalid edit anywhere leaves the model untouched.
     """
-    resident = registry.get(model_id)
+    host.revision(model_id, 0)
     if not ops:
         raise InvalidArgument("Received no edits; send at least one.", reason="NO_EDITS", field="edits")
+    if dry_run:
 
-    def run() -> tuple[RevisionRecord | None, list[EditReport]]:
-        if dry_run:
+        def rehearse(resident: ResidentModel) -> list[EditReport]:
             check_expected_revision(resident, expected_revision, "expected_revision")
-            return None, _apply_all(EditContext(registry, resident, resident.state), ops)
-        return _commit(registry, resident, ops, expected_revision, message, author)
+            return _apply_all(EditContext(host, resident), ops)
 
-    return await registry.run(run)
-
-
-def _commit(
-    registry: Registry,
-    resident: ResidentModel,
-    ops: Sequence[EditOp],
-    expected_revision: int | None,
-    message: str,
-    author: str,
-) -> tuple[RevisionRecord, list[EditReport]]:
-    try:
-        staged = registry.store.stage_revision(resident.model_id)
-    except FileNotFoundError:
-        raise NotFound(
-            f"Model {resident.model_id!r} was deleted.", reason="MODEL_NOT_FOUND", field="model_id"
-        ) from None
+        return None, host.run(model_id, rehearse)
+    staged = host.stage(model_id)
     reports: list[EditReport] = []
 
-    def prepare(state: ModelState, number: int) -> Prepared:
-        ctx = EditContext(registry, resident, state)
+    def prepare(resident: ResidentModel) -> Change:
+        ctx = EditContext(host, resident)
         reports.extend(_apply_all(ctx, ops))
         manifest = _stage(ctx, staged)
-        architecture_changed = ctx.keras_model is not None
-        record = RevisionRecord(
-            model_id=resident.model_id,
-            revision=number,
-            create_time=utc_now(),
+        draft = RevisionDraft(
+            kind=RevisionKind.EDIT,
             author=author,
             message=message,
-            kind="edit",
             summary=_summary(reports),
-            architecture_changed=architecture_changed,
-            architecture_revision=number if architecture_changed else state.revision.architecture_revision,
-            stored_bytes=staged.stored_bytes,
             changed_variables=[p for p in ctx.records if p in ctx.changed],
+            architecture_changed=ctx.keras_model is not None,
             edits=[r.as_dict() for r in reports],
         )
-        return Prepared(record, manifest, ctx.values_to_install(), ctx.architecture_json, ctx.keras_model)
+        return Change(draft, manifest, ctx.values_to_install(), ctx.architecture_json, ctx.keras_model)
 
-    record = registry.commit_revision(resident, staged, expected_revision=expected_revision, prepare=prepare)
+    record = host.commit(model_id, staged, prepare, expected_revision=expected_revision)
     return record, reports

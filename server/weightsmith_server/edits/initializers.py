@@ -8,18 +8,18 @@ from typing import Any
 
 import numpy as np
 
+from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.selectors import Selector
-from weightsmith_server.store import numpy_dtype
 
 
 def make_initializer(name: str, config: dict[str, Any], seed: int) -> Any:
     """A fresh builtin Keras initializer; `InvalidArgument` for unknown names or arguments."""
     import keras
 
-    from weightsmith_server.architecture import check_builtin_config
+    from weightsmith_server.models.architecture import check_builtin_config
 
     serialized = {"class_name": name, "config": {**config, "seed": seed}}
     check_builtin_config(serialized, field="config")

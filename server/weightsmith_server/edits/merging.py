@@ -20,7 +20,7 @@ def _other(
     ctx: EditContext, model_id: str, revision: int, paths: list[str], *, field: str
 ) -> list[np.ndarray]:
     """The values of `paths` in another model, which must match them in shape and dtype."""
-    records, load = ctx.registry.revision_reader(model_id, revision, field=field)
+    records, load = ctx.other_model(model_id, revision, field=field)
     values = []
     for path in paths:
         mine, theirs = ctx.records[path], records.get(path)
@@ -97,9 +97,7 @@ class CopyFrom(EditOp):
         if self.selector is not None:
             paths = ctx.select(self.selector)
         else:
-            records, _ = ctx.registry.revision_reader(
-                self.source_model_id, self.source_revision, field="source_model_id"
-            )
+            records, _ = ctx.other_model(self.source_model_id, self.source_revision, field="source_model_id")
             paths = [
                 p
                 for p, mine in ctx.records.items()

@@ -8,6 +8,7 @@ Output channels are the last axis; their norm is taken over all other axes.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -18,18 +19,35 @@ from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.selectors import Selector
 
-SCOPES = ("per_tensor", "global")
-GRANULARITIES = ("element", "output_channel")
-NORMS = ("l1", "l2")
+
+class PruneScope(enum.StrEnum):
+    """Where the sparsity target applies: each tensor on its own, or all selected ones together."""
+
+    PER_TENSOR = "per_tensor"
+    GLOBAL = "global"
 
 
-def _scores(value: np.ndarray, granularity: str, norm: str) -> np.ndarray:
+class PruneGranularity(enum.StrEnum):
+    """What is pruned: single elements, or whole output channels."""
+
+    ELEMENT = "element"
+    OUTPUT_CHANNEL = "output_channel"
+
+
+class PruneNorm(enum.StrEnum):
+    """How an output channel's magnitude is measured."""
+
+    L1 = "l1"
+    L2 = "l2"
+
+
+def _scores(value: np.ndarray, granularity: PruneGranularity, norm: PruneNorm) -> np.ndarray:
     """Per element |w|, or per output channel its L1 or L2 norm, as float64."""
     magnitude = np.abs(value.astype(np.float64))
-    if granularity == "element":
+    if granularity is PruneGranularity.ELEMENT:
         return magnitude.ravel()
     channels = magnitude.reshape(-1, value.shape[-1]) if value.ndim else magnitude.reshape(1, 1)
-    return channels.sum(axis=0) if norm == "l1" else np.sqrt((channels**2).sum(axis=0))
+    return channels.sum(axis=0) if norm is PruneNorm.L1 else np.sqrt((channels**2).sum(axis=0))
 
 
 def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
@@ -39,9 +57,9 @@ def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
     return np.argpartition(scores, count - 1)[:count]
 
 
-def _zero(value: np.ndarray, indices: np.ndarray, granularity: str) -> np.ndarray:
+def _zero(value: np.ndarray, indices: np.ndarray, granularity: PruneGranularity) -> np.ndarray:
     pruned = np.array(value)
-    if granularity == "element":
+    if granularity is PruneGranularity.ELEMENT:
         pruned.reshape(-1)[indices] = 0
     else:
         pruned[..., indices] = 0
@@ -54,9 +72,9 @@ class Prune(EditOp):
 
     selector: Selector
     sparsity: float
-    scope: str = "per_tensor"
-    granularity: str = "element"
-    norm: str = "l1"
+    scope: PruneScope = PruneScope.PER_TENSOR
+    granularity: PruneGranularity = PruneGranularity.ELEMENT
+    norm: PruneNorm = PruneNorm.L1
     name = "prune"
 
     def apply(self, ctx: EditContext) -> EditReport:
@@ -71,7 +89,7 @@ class Prune(EditOp):
         paths = ctx.select(self.selector)
         values = ctx.floating(paths)
         scores = [_scores(v, self.granularity, self.norm) for v in values]
-        if self.scope == "per_tensor":
+        if self.scope is PruneScope.PER_TENSOR:
             for path, value, score in zip(paths, values, scores, strict=True):
                 chosen = _smallest(score, math.floor(sparsity * score.size))
                 ctx.put(path, _zero(value, chosen, self.granularity), report)

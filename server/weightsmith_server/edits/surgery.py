@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from weightsmith_server import architecture
 from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.models import architecture
 from weightsmith_server.selectors import Selector
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from weightsmith_server.datasets import DatasetStore
+from weightsmith_server.datasets import DatasetSplit, DatasetStore
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.jobs import spec as job_spec
 from weightsmith_server.jobs.training import pipeline
-from weightsmith_server.registry import Registry
+from weightsmith_server.jobs.validation import check_data_fits_model, check_loss_and_metrics
+from weightsmith_server.models.host import ModelHost
+from weightsmith_server.models.resident import ResidentModel
 
 
 @dataclass(frozen=True)
@@ -19,8 +22,8 @@ class Evaluation:
     revision: int
 
 
-async def evaluate(
-    registry: Registry,
+def evaluate(
+    host: ModelHost,
     datasets: DatasetStore,
     model_id: str,
     dataset_id: str,
@@ -29,55 +32,66 @@ async def evaluate(
     loss: str,
     metrics: tuple[str, ...],
     batch_size: int,
-    split: str,
+    split: DatasetSplit | str,
     rescale: float | None,
 ) -> Evaluation:
     """Evaluate a copy of the revision (on the model's device); serving is untouched."""
-    resident = registry.get(model_id)
-    number, _ = registry.revision_state(resident, revision)
+    number, _ = host.revision(model_id, revision)
     info = datasets.get(dataset_id)
+    spec = _evaluation_spec(model_id, dataset_id, loss, metrics, batch_size, rescale)
+    check_loss_and_metrics(spec, prefix="")
+
+    def check(resident: ResidentModel) -> str:
+        check_data_fits_model(spec, resident, info, "dataset_id", prefix="")
+        return resident.device
+
+    device = host.run(model_id, check)
+    state = host.materialize(model_id, number, device)
+    with tf_device(device):
+        model = state.keras_model
+        model.compile(loss=loss, metrics=list(metrics))
+        data, count = datasets.load(dataset_id, split)
+        batches = pipeline(
+            data, spec, training=False, input_dtype=str(model.inputs[0].dtype), seed=None, count=count
+        )
+        results = model.evaluate(batches, verbose=0, return_dict=True)
+    values = {k: float(v) for k, v in results.items()}
+    return Evaluation(values.pop("loss"), values, count, number)
+
+
+def tf_device(device: str) -> Any:
+    """TensorFlow's device scope (imported on use: TensorFlow loads slowly)."""
+    import tensorflow as tf
+
+    return tf.device(device)
+
+
+def _evaluation_spec(
+    model_id: str,
+    dataset_id: str,
+    loss: str,
+    metrics: tuple[str, ...],
+    batch_size: int,
+    rescale: float | None,
+) -> job_spec.TrainingSpec:
+    """The spec whose input pipeline, loss and metrics an evaluation shares with training."""
     if batch_size < 0:
         raise InvalidArgument(
             f"Received batch_size={batch_size}, expected 0 (32) or more.",
             reason="INVALID_BATCH_SIZE",
             field="batch_size",
         )
-    spec = job_spec.TrainingSpec(
+    return job_spec.TrainingSpec(
         model_id=model_id,
         train_dataset_id=dataset_id,
         epochs=1,
         batch_size=batch_size or 32,
-        optimizer=job_spec.OptimizerSpec("sgd", job_spec.LearningRateSpec("constant", constant=0.01)),
+        optimizer=job_spec.OptimizerSpec(
+            job_spec.OptimizerKind.SGD,
+            job_spec.LearningRateSpec(job_spec.ScheduleKind.CONSTANT, constant=0.01),
+        ),
         loss=loss,
         metrics=tuple(metrics),
         preprocessing=job_spec.PreprocessingSpec(rescale=rescale),
         shuffle=False,
     )
-    job_spec.check_loss_and_metrics(spec, prefix="")
-    job_spec.check_data_fits_model(spec, resident, info, "dataset_id", prefix="")
-    store = registry.store
-
-    def run() -> Evaluation:
-        import keras
-        import tensorflow as tf
-
-        from weightsmith_server import architecture
-        from weightsmith_server.variables import model_variables
-
-        manifest = store.read_manifest(model_id, number)
-        with tf.device(resident.device):
-            model = architecture.rebuild(store.read_architecture(model_id, number), device=resident.device)
-            by_path = manifest.by_path()
-            for entry, variable in model_variables(model):
-                variable.assign(store.load_tensor(model_id, by_path[entry.path]))
-            model.compile(loss=loss, metrics=list(metrics))
-            data, count = datasets.load(dataset_id, split)
-            batches = pipeline(
-                data, spec, training=False, input_dtype=str(model.inputs[0].dtype), seed=None, count=count
-            )
-            results = model.evaluate(batches, verbose=0, return_dict=True)
-        del keras
-        values = {k: float(v) for k, v in results.items()}
-        return Evaluation(values.pop("loss"), values, count, number)
-
-    return await registry.run(run)

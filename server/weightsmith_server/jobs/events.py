@@ -1,172 +1,126 @@
-"""A job's event log: persisted with gap-free sequence numbers, then published.
+"""What a job reports while it runs: one typed payload per kind of event, and the event itself.
 
-Training threads `append` without waiting: a writer thread assigns the
-sequence number, appends the JSON line to `events.jsonl`, fsyncs, and only
-then makes the event visible to readers. Watchers read the log from their
-own position and wait for news on a per-log condition; nothing a watcher
-does (reading slowly, stalling, disconnecting) reaches the training thread
-or the other watchers, and every watcher sees every event.
+`events.jsonl` stores each event as `{"sequence", "time", "kind", "payload"}`
+with the payload's fields as JSON values; `JobEvent.to_json` and
+`JobEvent.from_json` are the only code that knows that layout.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import os
-import queue
-import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
-from weightsmith_server.registry import utc_now
-
-log = logging.getLogger(__name__)
+from weightsmith_server.jobs.record import JobState
 
 
-class EventLog:
-    """The events of one job, in memory and in `events.jsonl`."""
+class LogLevel(enum.StrEnum):
+    """The severity of a job's log line (stored as these strings)."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._events: list[dict[str, Any]] = []
-        good = 0  # bytes up to the end of the last complete, parseable line
-        if path.exists():
-            with open(path, "rb") as handle:
-                for line in handle:
-                    if not line.endswith(b"\n"):
-                        break  # a line torn by a crash: it was never published
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        break
-                    if event.get("sequence") != len(self._events) + 1:
-                        break
-                    self._events.append(event)
-                    good += len(line)
-        self._handle = open(path, "ab")  # noqa: SIM115 (lives as long as the log)
-        self._truncate(good)
-        self._changed = threading.Condition()
-        self._closed = False
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-
-    @property
-    def last_sequence(self) -> int:
-        return self._events[-1]["sequence"] if self._events else 0
-
-    def events_after(self, sequence: int, limit: int | None = None) -> list[dict[str, Any]]:
-        """Published events with a greater sequence number, oldest first."""
-        start = max(0, sequence)  # sequence numbers are 1..n, gap-free
-        return self._events[start : None if limit is None else start + limit]
-
-    def _truncate(self, size: int) -> None:
-        """Cut the file to `size` bytes (a torn or failed tail), durably."""
-        if os.fstat(self._handle.fileno()).st_size != size:
-            os.ftruncate(self._handle.fileno(), size)
-            os.fsync(self._handle.fileno())
-
-    def write(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Persist one event and publish it; called from the log's writer thread only."""
-        event = {"sequence": self.last_sequence + 1, "time": utc_now(), "kind": kind, "payload": payload}
-        size = os.fstat(self._handle.fileno()).st_size
-        try:
-            self._handle.write((json.dumps(event) + "\n").encode())
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-        except OSError:
-            self._truncate(size)  # never leave half an event for the next start to trip on
-            raise
-        with self._changed:
-            self._events.append(event)
-            self._changed.notify_all()
-            waiters = list(self._waiters)
-        for loop, flag in waiters:
-            loop.call_soon_threadsafe(flag.set)
-        return event
-
-    def close(self) -> None:
-        """No more events: wake every watcher so it can finish."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-            waiters = list(self._waiters)
-        for loop, flag in waiters:
-            loop.call_soon_threadsafe(flag.set)
-        self._handle.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def follow(self, after: int) -> AsyncIterator[dict[str, Any]]:
-        """Yield events after `after`, then new ones as they come, until the log closes.
-
-        A job's log closes right after its final event is published, so a
-        watcher always receives that event before its stream ends.
-        """
-        loop = asyncio.get_running_loop()
-        flag = asyncio.Event()
-        waiter = (loop, flag)
-        with self._changed:
-            self._waiters.add(waiter)
-        try:
-            position = after
-            while True:
-                flag.clear()
-                closed = self._closed  # read first: the final event is published before closing
-                fresh = self.events_after(position)
-                for event in fresh:
-                    yield event
-                    position = event["sequence"]
-                if not fresh and closed:
-                    return
-                if not fresh:
-                    await flag.wait()
-        finally:
-            with self._changed:
-                self._waiters.discard(waiter)
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
 
 
-class EventWriter:
-    """One thread that persists the events of every job in order of arrival."""
+@dataclass(frozen=True)
+class StateChanged:
+    """The job entered `state`; `detail` says why (an error, a resume) when there is more to say."""
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[EventLog, str, dict[str, Any], threading.Event | None] | None] = (
-            queue.Queue()
-        )
-        self._thread = threading.Thread(target=self._run, name="weightsmith-events", daemon=True)
-        self._thread.start()
+    kind: ClassVar[str] = "state_changed"
+    state: JobState
+    detail: str = ""
 
-    def append(self, events: EventLog, kind: str, payload: dict[str, Any], *, wait: bool = False) -> None:
-        """Queue an event; with `wait`, return once it is persisted and published."""
-        done = threading.Event() if wait else None
-        self._queue.put((events, kind, payload, done))
-        if done is not None:
-            done.wait()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            events, kind, payload, done = item
-            try:
-                events.write(kind, payload)
-            except Exception:
-                log.exception("persisting a job event failed")
-            finally:
-                if done is not None:
-                    done.set()
-
-    def flush(self) -> None:
-        """Wait until every event queued so far is persisted."""
-        done = threading.Event()
-        self._queue.put((_NullLog(), "", {}, done))  # type: ignore[arg-type]
-        done.wait()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(30)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", JobState(self.state))
 
 
-class _NullLog:
-    def write(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return {}
+@dataclass(frozen=True)
+class StepProgress:
+    """Training progress after a step: reported every `progress_interval` steps and at epoch ends."""
+
+    kind: ClassVar[str] = "progress"
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    global_step: int
+    loss: float
+    metrics: dict[str, float]
+    learning_rate: float
+    samples_per_second: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    """An epoch finished, with its training metrics and validation metrics (without `val_`)."""
+
+    kind: ClassVar[str] = "epoch_ended"
+    epoch: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    validation_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    """A checkpoint of `epoch` is on disk: a restart resumes from here."""
+
+    kind: ClassVar[str] = "checkpoint_saved"
+    epoch: int
+    global_step: int
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A message about the job for people watching it."""
+
+    kind: ClassVar[str] = "log"
+    level: LogLevel
+    message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level", LogLevel(self.level))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The trained values are committed as `revision` of `model_id`."""
+
+    kind: ClassVar[str] = "result"
+    model_id: str
+    revision: int
+    metrics: dict[str, float]
+    epochs_completed: int
+    steps_completed: int
+
+
+EventPayload = StateChanged | StepProgress | EpochEnded | CheckpointSaved | LogLine | JobResult
+
+_PAYLOADS: dict[str, type[EventPayload]] = {
+    payload.kind: payload
+    for payload in (StateChanged, StepProgress, EpochEnded, CheckpointSaved, LogLine, JobResult)
+}
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One persisted event: its gap-free sequence number (from 1), its RFC 3339 time and payload."""
+
+    sequence: int
+    time: str
+    payload: EventPayload
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as one line of `events.jsonl` holds it."""
+        return {
+            "sequence": self.sequence,
+            "time": self.time,
+            "kind": self.payload.kind,
+            "payload": asdict(self.payload),
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> JobEvent:
+        """Inverse of `to_json`; KeyError, TypeError or ValueError for a line it did not write."""
+        payload = _PAYLOADS[raw["kind"]](**raw["payload"])
+        return cls(sequence=int(raw["sequence"]), time=str(raw["time"]), payload=payload)

@@ -3,7 +3,7 @@
 Layout under the store root::
 
     jobs/<job_id>/
-        job.json          the spec and the current state (replaced atomically)
+        job.json          the domain spec and the current state (replaced atomically)
         events.jsonl      every event, one JSON object a line, fsync'd
         checkpoint/       the last epoch checkpoint of a running job
         tensorboard/      TensorBoard logs
@@ -26,58 +26,42 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from weightsmith_server.clock import utc_now
 from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from weightsmith_server.jobs import spec as job_spec
 from weightsmith_server.jobs import training
-from weightsmith_server.jobs.events import EventLog, EventWriter
-from weightsmith_server.naming import new_id, validate_id
-from weightsmith_server.registry import (
-    ModelState,
-    Prepared,
-    Registry,
-    decode_number_token,
-    decode_page_token,
-    encode_page_token,
-    page_size,
-    utc_now,
+from weightsmith_server.jobs.checkpoints import checkpoint_epoch
+from weightsmith_server.jobs.event_log import EventLog, EventWriter
+from weightsmith_server.jobs.events import (
+    EventPayload,
+    JobEvent,
+    JobResult,
+    LogLevel,
+    LogLine,
+    StateChanged,
+    StepProgress,
 )
-from weightsmith_server.store import Manifest, RevisionRecord, fsync_path, read_json, write_json
+from weightsmith_server.jobs.record import JobRecord, JobState
+from weightsmith_server.jobs.spec import TrainingSpec
+from weightsmith_server.jobs.validation import validate
+from weightsmith_server.models import creation
+from weightsmith_server.models.host import ModelHost
+from weightsmith_server.models.resident import ResidentModel
+from weightsmith_server.paging import decode_number_token, encode_page_token, page_after, page_size
+from weightsmith_server.resources import ResourceTable
+from weightsmith_server.revisions.commit import Change, stage_values
+from weightsmith_server.revisions.record import RevisionDraft, RevisionKind
+from weightsmith_server.store import fsync_path, read_json, write_json
 from weightsmith_server.zerocopy import snapshot
 
 log = logging.getLogger(__name__)
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
-
-
-@dataclass
-class JobRecord:
-    """What `job.json` holds."""
-
-    job_id: str
-    spec: dict[str, Any]
-    document: dict[str, Any]
-    state: str
-    create_time: str
-    start_time: str = ""
-    end_time: str = ""
-    error: str = ""
-    result_model_id: str = ""
-    result_revision: int = 0
-    epoch: int = 0
-    step: int = 0
-    base_revision: int = 0
-
-    @property
-    def training(self) -> job_spec.TrainingSpec:
-        return job_spec.TrainingSpec.from_dict(self.spec)
 
 
 @dataclass
@@ -87,6 +71,10 @@ class _Job:
     folder: Path
     cancel: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def active(self) -> bool:
+        return self.record.state in (JobState.QUEUED, JobState.RUNNING)
+
 
 class _Reporter:
     """Connects a run to its job: events out, stop requests in."""
@@ -94,10 +82,10 @@ class _Reporter:
     def __init__(self, manager: JobManager, job: _Job) -> None:
         self._manager, self._job = manager, job
 
-    def emit(self, kind: str, payload: dict[str, Any]) -> None:
-        if kind == "progress":
-            self._job.record.epoch, self._job.record.step = payload["epoch"], payload["global_step"]
-        self._manager.writer.append(self._job.events, kind, payload)
+    def emit(self, payload: EventPayload) -> None:
+        if isinstance(payload, StepProgress):
+            self._job.record.epoch, self._job.record.step = payload.epoch, payload.global_step
+        self._manager.writer.append(self._job.events, payload)
 
     def should_stop(self) -> bool:
         return self._job.cancel.is_set() or self._manager.stopping.is_set()
@@ -106,16 +94,20 @@ class _Reporter:
 class JobManager:
     """Every job of the server, and the threads that run them."""
 
-    def __init__(self, root: Path, registry: Registry, datasets: DatasetStore, *, runners: int = 1) -> None:
+    def __init__(self, root: Path, host: ModelHost, datasets: DatasetStore, *, runners: int = 1) -> None:
         self.root = root / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.registry = registry
+        self.host = host
         self.datasets = datasets
         self.writer = EventWriter()
         self.stopping = threading.Event()
-        self._jobs: dict[str, _Job] = {}
+        self._table: ResourceTable[_Job] = ResourceTable(
+            "job", "ListJobs", lambda i: (self.root / i).exists()
+        )
         self._queue: deque[str] = deque()
         self._lock = threading.Condition()
+        # Creation and cancellation fsync: their own threads, so they never wait behind model work.
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix="weightsmith-jobs")
         self._runners = [
             threading.Thread(target=self._run_forever, name=f"weightsmith-job-runner-{i}", daemon=True)
             for i in range(max(1, runners))
@@ -125,32 +117,38 @@ class JobManager:
 
     def _save(self, job: _Job) -> None:
         temporary = job.folder / ".job.json"
-        write_json(temporary, asdict(job.record))
+        write_json(temporary, job.record.to_dict())
         os.replace(temporary, job.folder / "job.json")
         fsync_path(job.folder)
 
     def restore(self) -> None:
         """Load every job; queue again those that were queued or running."""
-        resumed = []
+        jobs: dict[str, _Job] = {}
+        unrestorable: dict[str, str] = {}
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith(".") or not (folder / "job.json").is_file():
                 shutil.rmtree(folder, ignore_errors=True)  # creation never completed
                 continue
-            record = JobRecord(**read_json(folder / "job.json"))
-            job = _Job(record, EventLog(folder / "events.jsonl"), folder)
-            self._jobs[record.job_id] = job
-            if record.state in (QUEUED, RUNNING):
-                resumed.append(job)
-            else:
+            try:
+                record = JobRecord.from_dict(read_json(folder / "job.json"))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.exception("job %s: job.json could not be read", folder.name)
+                unrestorable[folder.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            jobs[record.job_id] = _Job(record, EventLog(folder / "events.jsonl"), folder)
+        self._table.replace_all(jobs, unrestorable)
+        resumed = [job for job in jobs.values() if job.active]
+        for job in jobs.values():
+            if not job.active:
                 job.events.close()
-        for job in sorted(resumed, key=lambda j: (j.record.state != RUNNING, j.record.create_time)):
+        for job in sorted(resumed, key=lambda j: (j.record.state != JobState.RUNNING, j.record.create_time)):
             self._queue.append(job.record.job_id)
             spec = job.record.spec
-            if job.record.state == RUNNING and not spec["output_model_id"]:
+            if job.record.state == JobState.RUNNING and not spec.output_model_id:
                 # Keep the model locked until the job runs again: edits meanwhile would void it.
                 with contextlib.suppress(NotFound, FailedPrecondition):  # else it fails when it runs
-                    self.registry.get(spec["model_id"]).reserve_for_job(job.record.job_id)
-        log.info("restored %d job(s), %d to run", len(self._jobs), len(resumed))
+                    self.host.reserve_for_job(spec.model_id, job.record.job_id)
+        log.info("restored %d job(s), %d to run", len(jobs), len(resumed))
 
     def start(self) -> None:
         for runner in self._runners:
@@ -164,68 +162,53 @@ class JobManager:
         for runner in self._runners:
             runner.join(60)
         self.writer.stop()
+        self._executor.shutdown(wait=True)
 
     # --- queries ---------------------------------------------------------------
 
     def get(self, job_id: str, field: str = "job_id") -> JobRecord:
-        return self._job(job_id, field).record
-
-    def _job(self, job_id: str, field: str = "job_id") -> _Job:
-        validate_id(job_id, field=field, kind="job")
-        try:
-            return self._jobs[job_id]
-        except KeyError:
-            raise NotFound(
-                f"No job with id {job_id!r}; ListJobs shows the jobs.",
-                reason="JOB_NOT_FOUND",
-                field=field,
-                metadata={"job_id": job_id},
-            ) from None
+        return self._table.get(job_id, field).record
 
     def last_sequence(self, job_id: str) -> int:
-        return self._jobs[job_id].events.last_sequence
+        return self._table.get(job_id, "job_id").events.last_sequence
 
     def list(self, size: int, token: str) -> tuple[list[JobRecord], str]:
-        size = page_size(size)
-        ordered = sorted(
-            self._jobs.values(), key=lambda j: (j.record.create_time, j.record.job_id), reverse=True
-        )
-        keys = [f"{j.record.create_time}|{j.record.job_id}" for j in ordered]
-        start = 0
-        if token:
-            after = decode_page_token(token)
-            start = next((i + 1 for i, key in enumerate(keys) if key == after), len(keys))
-        page = ordered[start : start + size]
-        more = start + size < len(ordered)
-        next_token = encode_page_token(keys[start + size - 1]) if more else ""
+        """One page of jobs, newest first, and the next page's token."""
+
+        def key(job: _Job) -> str:
+            return f"{job.record.create_time}|{job.record.job_id}"
+
+        newest_first = sorted(self._table.values(), key=key, reverse=True)
+        page, next_token = page_after(newest_first, key, size, token, descending=True)
         return [j.record for j in page], next_token
 
     def dataset_users(self, dataset_id: str) -> list[str]:
         """Queued or running jobs that read the dataset."""
         return [
             j.record.job_id
-            for j in self._jobs.values()
-            if j.record.state in (QUEUED, RUNNING)
-            and dataset_id in (j.record.spec["train_dataset_id"], j.record.spec["validation_dataset_id"])
+            for j in self._table.values()
+            if j.active
+            and dataset_id in (j.record.spec.train_dataset_id, j.record.spec.validation_dataset_id)
         ]
 
-    def events_page(self, job_id: str, after: int, size: int, token: str) -> tuple[list[dict[str, Any]], str]:
+    def events_page(self, job_id: str, after: int, size: int, token: str) -> tuple[list[JobEvent], str]:
         """One page of events after `after` (or the token's position), and the next token.
 
         The token is not empty while the job can still add events, so a
         poller keeps it and asks again.
         """
-        job = self._job(job_id)
+        job = self._table.get(job_id, "job_id")
         if token:
             after = decode_number_token(token)
         size = page_size(size)
         events = job.events.events_after(after, size)
-        last = events[-1]["sequence"] if events else after
-        more = len(events) == size or job.record.state in (QUEUED, RUNNING)
+        last = events[-1].sequence if events else after
+        more = len(events) == size or job.active
         return events, encode_page_token(str(last)) if more else ""
 
-    async def watch(self, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
-        job = self._job(job_id)
+    async def watch(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
+        """The job's events after `after`, then live ones until the job ends."""
+        job = self._table.get(job_id, "job_id")
         if after < 0:
             raise InvalidArgument(
                 f"Received after_sequence={after}, expected 0 or more.",
@@ -237,87 +220,82 @@ class JobManager:
 
     # --- lifecycle -------------------------------------------------------------
 
-    async def create(
-        self, job_id: str, training_spec: job_spec.TrainingSpec, document: dict[str, Any]
-    ) -> JobRecord:
-        """Validate the spec completely, persist the job, queue it."""
-        job_id = validate_id(job_id, field="job_id", kind="job") if job_id else new_id("job")
-        job_spec.validate(training_spec, self.registry, self.datasets)
+    async def create(self, job_id: str, spec: TrainingSpec) -> JobRecord:
+        """Validate the spec completely, persist the job, queue it (an empty id gets a fresh one)."""
+        job_id = self._table.reserve(job_id, "job_id")
+        return await self._table.run_reserved(self._executor, job_id, lambda: self._create(job_id, spec))
+
+    def _create(self, job_id: str, spec: TrainingSpec) -> JobRecord:
+        validate(spec, self.host, self.datasets)
         with self._lock:
-            output = training_spec.output_model_id
+            output = spec.output_model_id
             if output and any(
-                j.record.state in (QUEUED, RUNNING) and j.record.spec["output_model_id"] == output
-                for j in self._jobs.values()
+                j.active and j.record.spec.output_model_id == output for j in self._table.values()
             ):
                 raise AlreadyExists(
                     f"Another queued or running job writes model {output!r} already.",
                     reason="MODEL_EXISTS",
                     field="spec.output_model_id",
                 )
-            if job_id in self._jobs:
-                raise AlreadyExists(
-                    f"A job with id {job_id!r} exists already.", reason="JOB_EXISTS", field="job_id"
-                )
-            staging = self.root / f".staging-{job_id}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            record = JobRecord(job_id, training_spec.to_dict(), document, QUEUED, utc_now())
-            write_json(staging / "job.json", asdict(record))
-            (staging / "events.jsonl").touch()
-            fsync_path(staging)
-            os.rename(staging, self.root / job_id)
-            fsync_path(self.root)
-            job = _Job(record, EventLog(self.root / job_id / "events.jsonl"), self.root / job_id)
-            self._jobs[job_id] = job
-        await asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: self.writer.append(
-                job.events, "state_changed", {"state": QUEUED, "detail": ""}, wait=True
-            ),
-        )
+            job = self._persist(JobRecord(job_id, spec, JobState.QUEUED, utc_now()))
+            self._table.put(job_id, job)
+        self.writer.append(job.events, StateChanged(JobState.QUEUED), wait=True)
         with self._lock:
             self._queue.append(job_id)
             self._lock.notify_all()
-        log.info("job %s queued (model %s)", job_id, training_spec.model_id)
-        return record
+        log.info("job %s queued (model %s)", job_id, spec.model_id)
+        return job.record
+
+    def _persist(self, record: JobRecord) -> _Job:
+        """Write a new job's folder durably: staged, then renamed into place."""
+        staging = self.root / f".staging-{record.job_id}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        write_json(staging / "job.json", record.to_dict())
+        (staging / "events.jsonl").touch()
+        fsync_path(staging)
+        folder = self.root / record.job_id
+        os.rename(staging, folder)
+        fsync_path(self.root)
+        return _Job(record, EventLog(folder / "events.jsonl"), folder)
 
     async def cancel(self, job_id: str, wait_seconds: float = 30.0) -> JobRecord:
         """Cancel a job; waits (up to `wait_seconds`) for a running one to stop."""
-        job = self._job(job_id)
+        job = self._table.get(job_id, "job_id")
         job.cancel.set()
         with self._lock:
             waiting = job_id in self._queue
             if waiting:
                 self._queue.remove(job_id)
         if waiting:  # queued, or waiting to resume: it never starts
-            await asyncio.get_running_loop().run_in_executor(None, self._cancel_waiting, job)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._cancel_waiting, job)
             return job.record
-        if job.record.state in FINISHED:
+        if job.record.state.finished:
             raise FailedPrecondition(
                 f"Job {job_id!r} has already ended ({job.record.state}).",
                 reason="JOB_FINISHED",
                 field="job_id",
             )
         deadline = time.monotonic() + wait_seconds
-        while job.record.state not in FINISHED and time.monotonic() < deadline:
+        while not job.record.state.finished and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return job.record
 
     def _cancel_waiting(self, job: _Job) -> None:
-        if job.record.state == RUNNING and not job.record.spec["output_model_id"]:
+        if job.record.state == JobState.RUNNING and not job.record.spec.output_model_id:
             self._release_model(job)
-        self._finish(job, CANCELLED, "")
+        self._finish(job, JobState.CANCELLED, "")
 
     def _release_model(self, job: _Job) -> None:
         with contextlib.suppress(NotFound, FailedPrecondition):
-            self.registry.get(job.record.spec["model_id"]).release_job(job.record.job_id)
+            self.host.release_job(job.record.spec.model_id, job.record.job_id)
 
-    def _finish(self, job: _Job, state: str, detail: str) -> None:
+    def _finish(self, job: _Job, state: JobState, detail: str) -> None:
         job.record = replace(
-            job.record, state=state, end_time=utc_now(), error=detail if state == FAILED else ""
+            job.record, state=state, end_time=utc_now(), error=detail if state == JobState.FAILED else ""
         )
         self._save(job)
-        self.writer.append(job.events, "state_changed", {"state": state, "detail": detail}, wait=True)
+        self.writer.append(job.events, StateChanged(state, detail), wait=True)
         job.events.close()
 
     # --- running ---------------------------------------------------------------
@@ -329,45 +307,46 @@ class JobManager:
                     self._lock.wait()
                 if self.stopping.is_set():
                     return
-                job = self._jobs[self._queue.popleft()]
+                job = self._table.get(self._queue.popleft(), "job_id")
             try:
                 self._run(job)
             except Exception:  # a bug must not kill the runner
                 log.exception("job %s: runner failed", job.record.job_id)
 
     def _run(self, job: _Job) -> None:
-        spec = job.record.training
-        resumed = job.record.state == RUNNING
+        spec = job.record.spec
+        resumed = job.record.state == JobState.RUNNING
         if job.cancel.is_set():
-            self._finish(job, CANCELLED, "")
+            self._finish(job, JobState.CANCELLED, "")
             return
         try:
-            resident = self.registry.get(spec.model_id)
+            device, revision = self.host.run(spec.model_id, lambda model: (model.device, model.revision))
         except (NotFound, FailedPrecondition) as exc:
-            self._finish(job, FAILED, exc.message)
+            self._finish(job, JobState.FAILED, exc.message)
             return
         in_place = not spec.output_model_id
-        if in_place and not resident.reserve_for_job(job.record.job_id):
+        if in_place and not self.host.reserve_for_job(spec.model_id, job.record.job_id):
             with self._lock:  # another in-place job holds the model: run this one later
                 self._queue.append(job.record.job_id)
             time.sleep(0.5)
             return
         try:
-            self._train(job, spec, resident, resumed)
+            self._train(job, spec, device, revision, resumed)
         finally:
             if in_place:
-                resident.release_job(job.record.job_id)
+                self._release_model(job)
 
-    def _train(self, job: _Job, spec: job_spec.TrainingSpec, resident: Any, resumed: bool) -> None:
+    def _train(self, job: _Job, spec: TrainingSpec, device: str, revision: int, resumed: bool) -> None:
         record = job.record
-        base = record.base_revision if resumed and record.base_revision else resident.revision
-        store = self.registry.store
-        job.record = replace(record, state=RUNNING, start_time=utc_now(), base_revision=base)
+        base = record.base_revision if resumed and record.base_revision else revision
+        store = self.host.store
+        job.record = replace(record, state=JobState.RUNNING, start_time=utc_now(), base_revision=base)
         self._save(job)
         if resumed and self._already_committed(job, spec):
             return
-        detail = f"resumed from the checkpoint of epoch {self._checkpoint_epoch(job)}" if resumed else ""
-        self.writer.append(job.events, "state_changed", {"state": RUNNING, "detail": detail})
+        epoch = checkpoint_epoch(job.folder / "checkpoint")
+        detail = f"resumed from the checkpoint of epoch {epoch}" if resumed else ""
+        self.writer.append(job.events, StateChanged(JobState.RUNNING, detail))
         try:
             manifest = store.read_manifest(spec.model_id, base)
             values = {v.path: store.load_tensor(spec.model_id, v) for v in manifest.variables}
@@ -378,30 +357,35 @@ class JobManager:
                 values=values,
                 train_data=self.datasets.load(spec.train_dataset_id, "train"),
                 validation_data=self._validation(spec),
-                device=resident.device,
+                device=device,
                 job_dir=job.folder,
                 reporter=_Reporter(self, job),
-                gpus=[d.name for d in self.registry.devices.devices if d.kind == "GPU"],
+                gpus=[d.name for d in self.host.devices.devices if d.kind == "GPU"],
             )
         except training.JobStopped:
-            if job.cancel.is_set():
-                self._finish(job, CANCELLED, "")
-            else:
-                self.writer.append(
-                    job.events, "log", {"level": "INFO", "message": "paused by server shutdown"}
-                )
-                self.writer.flush()
+            self._stopped(job)
             return
         except Exception as exc:
             log.exception("job %s failed", record.job_id)
-            self._finish(job, FAILED, f"{type(exc).__name__}: {exc}"[:1000])
+            self._finish(job, JobState.FAILED, f"{type(exc).__name__}: {exc}"[:1000])
             return
         try:
-            model_id, revision = self._commit(job, spec, resident, base, config_json, outcome)
+            model_id, revision = self._commit(job, spec, base, config_json, outcome)
         except Exception as exc:
             log.exception("job %s: committing the result failed", record.job_id)
-            self._finish(job, FAILED, f"committing the result failed: {exc}"[:1000])
+            self._finish(job, JobState.FAILED, f"committing the result failed: {exc}"[:1000])
             return
+        self._succeed(job, model_id, revision, outcome)
+
+    def _stopped(self, job: _Job) -> None:
+        """A run that stopped early: cancelled, or paused by shutdown (it resumes at the next start)."""
+        if job.cancel.is_set():
+            self._finish(job, JobState.CANCELLED, "")
+        else:
+            self.writer.append(job.events, LogLine(LogLevel.INFO, "paused by server shutdown"))
+            self.writer.flush()
+
+    def _succeed(self, job: _Job, model_id: str, revision: int, outcome: training.Outcome) -> None:
         job.record = replace(
             job.record,
             result_model_id=model_id,
@@ -409,36 +393,28 @@ class JobManager:
             epoch=outcome.epochs_completed,
             step=outcome.steps_completed,
         )
-        self.writer.append(
-            job.events,
-            "result",
-            {
-                "model_id": model_id,
-                "revision": revision,
-                "metrics": outcome.metrics,
-                "epochs_completed": outcome.epochs_completed,
-                "steps_completed": outcome.steps_completed,
-            },
+        result = JobResult(
+            model_id=model_id,
+            revision=revision,
+            metrics=outcome.metrics,
+            epochs_completed=outcome.epochs_completed,
+            steps_completed=outcome.steps_completed,
         )
-        self._finish(job, SUCCEEDED, "")
+        self.writer.append(job.events, result)
+        self._finish(job, JobState.SUCCEEDED, "")
         shutil.rmtree(job.folder / "checkpoint", ignore_errors=True)
 
-    def _checkpoint_epoch(self, job: _Job) -> int:
-        pointer = job.folder / "checkpoint" / "checkpoint.json"
-        return int(read_json(pointer)["epoch"]) if pointer.is_file() else 0
-
-    def _validation(self, spec: job_spec.TrainingSpec) -> tuple[Any, int] | None:
+    def _validation(self, spec: TrainingSpec) -> tuple[Any, int] | None:
         if spec.validation_dataset_id:
             return self.datasets.load(spec.validation_dataset_id, "train")
         if self.datasets.get(spec.train_dataset_id).validation_example_count:
             return self.datasets.load(spec.train_dataset_id, "validation")
         return None
 
-    def _already_committed(self, job: _Job, spec: job_spec.TrainingSpec) -> bool:
+    def _already_committed(self, job: _Job, spec: TrainingSpec) -> bool:
         """A job killed between its commit and SUCCEEDED: finish it, don't train again."""
-        author = f"job:{job.record.job_id}"
         model_id = spec.output_model_id or spec.model_id
-        store = self.registry.store
+        store = self.host.store
         try:
             numbers = store.revision_numbers(model_id)
         except FileNotFoundError:
@@ -446,71 +422,46 @@ class JobManager:
         for number in numbers:
             if number > (0 if spec.output_model_id else job.record.base_revision):
                 record = store.read_revision(model_id, number)
-                if record.author == author:
+                if record.job_id == job.record.job_id:
                     job.record = replace(job.record, result_model_id=model_id, result_revision=number)
                     self.writer.append(
-                        job.events,
-                        "log",
-                        {"level": "INFO", "message": "result was committed before the restart"},
+                        job.events, LogLine(LogLevel.INFO, "result was committed before the restart")
                     )
-                    self._finish(job, SUCCEEDED, "")
+                    self._finish(job, JobState.SUCCEEDED, "")
                     return True
         return False
 
     def _commit(
-        self,
-        job: _Job,
-        spec: job_spec.TrainingSpec,
-        resident: Any,
-        base: int,
-        config_json: str,
-        outcome: training.Outcome,
+        self, job: _Job, spec: TrainingSpec, base: int, config_json: str, outcome: training.Outcome
     ) -> tuple[str, int]:
-        message = (
-            f"job {job.record.job_id}: {outcome.epochs_completed} epoch(s), {outcome.steps_completed} steps"
-        )
-        author = f"job:{job.record.job_id}"
+        """Commit the trained values: a new revision of the model, or a new output model."""
+        job_id = job.record.job_id
+        message = f"job {job_id}: {outcome.epochs_completed} epoch(s), {outcome.steps_completed} steps"
+        author = f"job:{job_id}"
         if spec.output_model_id:
-            info = self.registry.create_from_values(
-                spec.output_model_id,
-                config_json,
-                outcome.values,
-                message=message,
-                author=author,
+            new = creation.from_values(
+                config_json, outcome.values, message=message, author=author, job_id=job_id
             )
+            info = self.host.create(self.host.reserve(spec.output_model_id, "spec.output_model_id"), new)
             return info.model_id, info.revision
-        staged = self.registry.store.stage_revision(spec.model_id)
+        staged = self.host.stage(spec.model_id)
 
-        def prepare(state: ModelState, number: int) -> Prepared:
-            current = state.manifest
+        def prepare(resident: ResidentModel) -> Change:
+            state = resident.state
             changed = {
-                path: value
+                path: np.ascontiguousarray(value)
                 for path, value in outcome.values.items()
                 if value.tobytes() != snapshot(state.variables[path]).tobytes()
             }
-            manifest = Manifest(
-                layer_count=current.layer_count,
-                variables=tuple(
-                    staged.add_tensor(v.entry, changed[v.path]) if v.path in changed else v
-                    for v in current.variables
-                ),
-            )
-            record = RevisionRecord(
-                model_id=spec.model_id,
-                revision=number,
-                create_time=utc_now(),
+            draft = RevisionDraft(
+                kind=RevisionKind.JOB,
                 author=author,
                 message=message,
-                kind="job",
                 summary=f"{message}: {len(changed)} variable(s) trained",
-                architecture_changed=False,
-                architecture_revision=state.revision.architecture_revision,
-                stored_bytes=staged.stored_bytes,
-                changed_variables=[v.path for v in current.variables if v.path in changed],
+                changed_variables=[v.path for v in state.manifest.variables if v.path in changed],
+                job_id=job_id,
             )
-            return Prepared(record, manifest, {p: np.ascontiguousarray(v) for p, v in changed.items()})
+            return Change(draft, stage_values(staged, state.manifest, changed), changed)
 
-        committed = self.registry.commit_revision(
-            resident, staged, expected_revision=base, prepare=prepare, job_id=job.record.job_id
-        )
+        committed = self.host.commit(spec.model_id, staged, prepare, expected_revision=base, job_id=job_id)
         return spec.model_id, committed.revision

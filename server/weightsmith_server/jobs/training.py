@@ -12,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +19,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from weightsmith_server import architecture
-from weightsmith_server.jobs.spec import LearningRateSpec, OptimizerSpec, TrainingSpec
+from weightsmith_server.jobs.checkpoints import load_checkpoint, save_checkpoint
+from weightsmith_server.jobs.events import CheckpointSaved, EventPayload
+from weightsmith_server.jobs.spec import (
+    LearningRateSpec,
+    OptimizerKind,
+    OptimizerSpec,
+    PreprocessingSpec,
+    ScheduleKind,
+    TrainingSpec,
+)
+from weightsmith_server.models import architecture
 from weightsmith_server.selectors import select
-from weightsmith_server.store import fsync_path, read_json, write_json
 from weightsmith_server.variables import model_variables
-
-_NON_FINITE = "the loss became NaN or infinite; lower the learning rate or check the data"
 
 
 class JobStopped(Exception):
@@ -38,7 +41,7 @@ class JobStopped(Exception):
 class Reporter(Protocol):
     """What a run tells the outside world, and asks it."""
 
-    def emit(self, kind: str, payload: dict[str, Any]) -> None: ...
+    def emit(self, payload: EventPayload) -> None: ...
 
     def should_stop(self) -> bool: ...
 
@@ -61,13 +64,13 @@ def learning_rate(spec: LearningRateSpec) -> Any:
     import keras
 
     schedules = keras.optimizers.schedules
-    if spec.kind == "constant":
+    if spec.kind == ScheduleKind.CONSTANT:
         return spec.constant
-    if spec.kind == "exponential_decay":
+    if spec.kind == ScheduleKind.EXPONENTIAL_DECAY:
         return schedules.ExponentialDecay(
             spec.initial, spec.decay_steps, spec.decay_rate, staircase=spec.staircase
         )
-    if spec.kind == "cosine_decay":
+    if spec.kind == ScheduleKind.COSINE_DECAY:
         warmup_target = spec.initial if spec.warmup_steps else None
         return schedules.CosineDecay(
             spec.warmup_from if spec.warmup_steps else spec.initial,
@@ -79,22 +82,16 @@ def learning_rate(spec: LearningRateSpec) -> Any:
     return schedules.PiecewiseConstantDecay(list(spec.boundaries), list(spec.values))
 
 
-def rate_at(rate: Any, step: int) -> float:
-    """The learning rate used by the optimizer step `step` (counted from 0)."""
-    import keras
-
-    return float(rate) if isinstance(rate, float) else float(keras.ops.convert_to_numpy(rate(step)))
-
-
 def optimizer(spec: OptimizerSpec, rate: Any) -> Any:
+    """The Keras optimizer for the spec, with `rate` (a float or a schedule)."""
     import keras
 
-    if spec.kind == "adam":
+    if spec.kind == OptimizerKind.ADAM:
         return keras.optimizers.Adam(learning_rate=rate)
-    if spec.kind == "adamw":
+    if spec.kind == OptimizerKind.ADAMW:
         decay = 0.004 if spec.weight_decay is None else spec.weight_decay
         return keras.optimizers.AdamW(learning_rate=rate, weight_decay=decay)
-    if spec.kind == "sgd":
+    if spec.kind == OptimizerKind.SGD:
         return keras.optimizers.SGD(learning_rate=rate, momentum=spec.momentum, nesterov=spec.nesterov)
     return keras.optimizers.RMSprop(learning_rate=rate)
 
@@ -200,165 +197,28 @@ def pipeline(
         data = data.shuffle(16384, seed=seed, reshuffle_each_iteration=True)
     data = data.batch(spec.batch_size)
     if training and pre.augments:
-        augment = []
-        if pre.random_flip:
-            augment.append(keras.layers.RandomFlip(pre.random_flip, seed=seed))
-        if pre.random_rotation:
-            augment.append(keras.layers.RandomRotation(pre.random_rotation, seed=seed))
-        if pre.random_zoom:
-            augment.append(keras.layers.RandomZoom(pre.random_zoom, seed=seed))
-
-        def augmented(x: Any, y: Any) -> tuple[Any, Any]:
-            for layer in augment:
-                x = layer(x, training=True)
-            return x, y
-
-        data = data.map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+        data = data.map(_augmentation(pre, seed), num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
 
 
-# --- checkpoints -----------------------------------------------------------------
+def _augmentation(pre: PreprocessingSpec, seed: int | None) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """A batch map applying the spec's random flip, rotation and zoom (training only)."""
+    import keras
 
+    augment = []
+    if pre.random_flip:
+        augment.append(keras.layers.RandomFlip(str(pre.random_flip), seed=seed))
+    if pre.random_rotation:
+        augment.append(keras.layers.RandomRotation(pre.random_rotation, seed=seed))
+    if pre.random_zoom:
+        augment.append(keras.layers.RandomZoom(pre.random_zoom, seed=seed))
 
-def save_checkpoint(folder: Path, model: Any, epoch: int, global_step: int) -> None:
-    """Weights, optimizer state and progress, written durably; replaces the previous one."""
-    target = folder / f"epoch-{epoch:05d}"
-    staging = folder / f".staging-{epoch:05d}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name, variables in (("weights", model.weights), ("optimizer", model.optimizer.variables)):
-        with open(staging / f"{name}.npz", "wb") as handle:
-            np.savez(handle, *[np.asarray(v.numpy()) for v in variables])
-            handle.flush()
-            os.fsync(handle.fileno())
-    fsync_path(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.rename(staging, target)
-    fsync_path(folder)
-    pointer = folder / ".checkpoint.json"
-    write_json(pointer, {"epoch": epoch, "global_step": global_step, "folder": target.name})
-    os.replace(pointer, folder / "checkpoint.json")
-    fsync_path(folder)
-    for old in folder.glob("epoch-*"):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
+    def augmented(x: Any, y: Any) -> tuple[Any, Any]:
+        for layer in augment:
+            x = layer(x, training=True)
+        return x, y
 
-
-def load_checkpoint(folder: Path, model: Any) -> tuple[int, int] | None:
-    """Restore the last checkpoint into a compiled model; (epoch, global_step) or None."""
-    pointer = folder / "checkpoint.json"
-    if not pointer.is_file():
-        return None
-    state = read_json(pointer)
-    source = folder / state["folder"]
-    with np.load(source / "weights.npz") as weights:
-        for index, variable in enumerate(model.weights):
-            variable.assign(weights[f"arr_{index}"])
-    model.optimizer.build(model.trainable_variables)
-    with np.load(source / "optimizer.npz") as saved:
-        if len(saved.files) != len(model.optimizer.variables):
-            raise RuntimeError("the checkpoint's optimizer state does not match the job's optimizer")
-        for index, variable in enumerate(model.optimizer.variables):
-            variable.assign(saved[f"arr_{index}"])
-    return int(state["epoch"]), int(state["global_step"])
-
-
-# --- progress --------------------------------------------------------------------
-
-
-def _scalars(logs: dict[str, Any] | None) -> dict[str, float]:
-    return {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
-
-
-class _Events:
-    """A Keras callback that reports progress and honours stop requests at once.
-
-    A stop request raises `JobStopped` out of `fit` at the next step (no
-    validation pass or epoch end for the partial epoch); a non-finite loss
-    raises `FloatingPointError` on the step that reports it.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        import keras
-
-        class Callback(keras.callbacks.Callback):
-            def __init__(
-                self,
-                reporter: Reporter,
-                spec: TrainingSpec,
-                steps_per_epoch: int,
-                rate: Any,
-                global_step: int,
-                checkpoint: Callable[[int, int], None],
-            ) -> None:
-                super().__init__()
-                self.reporter, self.spec, self.steps_per_epoch, self.rate = (
-                    reporter,
-                    spec,
-                    steps_per_epoch,
-                    rate,
-                )
-                self.global_step = global_step
-                self.checkpoint = checkpoint
-                self.epoch = 0
-                self.last_logs: dict[str, float] = {}
-                self._mark = (time.perf_counter(), global_step)
-                self._started = self._mark
-
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.epoch = epoch + 1
-
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                self.global_step += 1
-                step = batch + 1
-                if self.reporter.should_stop():
-                    raise JobStopped()
-                if self.global_step % self.spec.progress_interval and step != self.steps_per_epoch:
-                    return
-                scalars = _scalars(logs)
-                loss = scalars.pop("loss", float("nan"))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(_NON_FINITE)
-                now = time.perf_counter()
-                then, steps_then = self._mark
-                rate = (self.global_step - steps_then) * self.spec.batch_size / max(now - then, 1e-9)
-                total = self.spec.epochs * self.steps_per_epoch
-                per_step = (now - self._started[0]) / max(self.global_step - self._started[1], 1)
-                self._mark = (now, self.global_step)
-                self.reporter.emit(
-                    "progress",
-                    {
-                        "epoch": self.epoch,
-                        "step": step,
-                        "steps_per_epoch": self.steps_per_epoch,
-                        "global_step": self.global_step,
-                        "loss": loss,
-                        "metrics": scalars,
-                        "learning_rate": rate_at(self.rate, self.global_step - 1),
-                        "samples_per_second": rate,
-                        "eta_seconds": per_step * max(total - self.global_step, 0),
-                    },
-                )
-
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                scalars = _scalars(logs)
-                self.last_logs = scalars
-                if not math.isfinite(scalars.get("loss", 0.0)):
-                    raise FloatingPointError(_NON_FINITE)
-                self.reporter.emit(
-                    "epoch_ended",
-                    {
-                        "epoch": epoch + 1,
-                        "train_metrics": {k: v for k, v in scalars.items() if not k.startswith("val_")},
-                        "validation_metrics": {
-                            k.removeprefix("val_"): v for k, v in scalars.items() if k.startswith("val_")
-                        },
-                    },
-                )
-                if (epoch + 1) % self.spec.checkpoint_interval == 0:
-                    self.checkpoint(epoch + 1, self.global_step)
-
-        return Callback(*args, **kwargs)
+    return augmented
 
 
 # --- the run ---------------------------------------------------------------------
@@ -381,8 +241,9 @@ def run(
     With more than one GPU in `gpus` the job trains under a
     `MirroredStrategy` over them; otherwise on `device`.
     """
-    import keras
     import tensorflow as tf
+
+    from weightsmith_server.jobs.callbacks import JobProgress
 
     # Seeding happens in `architecture.rebuild`, under the build lock.
     strategy = tf.distribute.MirroredStrategy(list(gpus)) if len(gpus) > 1 else None
@@ -391,67 +252,81 @@ def run(
         model = working_model(config_json, values, spec, "" if strategy is not None else device)
         rate = learning_rate(spec.optimizer.learning_rate)
         model.compile(optimizer=optimizer(spec.optimizer, rate), loss=spec.loss, metrics=list(spec.metrics))
-        input_dtype = str(model.inputs[0].dtype)
-        data, count = train_data
-        validation = None
-        if validation_data is not None:
-            validation = pipeline(
-                validation_data[0],
-                spec,
-                training=False,
-                input_dtype=input_dtype,
-                seed=None,
-                count=validation_data[1],
-            )
-        elif spec.validation_split > 0:
-            held_out = max(1, int(count * spec.validation_split))
-            validation = pipeline(
-                data.skip(count - held_out),
-                spec,
-                training=False,
-                input_dtype=input_dtype,
-                seed=None,
-                count=held_out,
-            )
-            data, count = data.take(count - held_out), count - held_out
-        train = pipeline(data, spec, training=True, input_dtype=input_dtype, seed=spec.seed, count=count)
-        steps_per_epoch = math.ceil(count / spec.batch_size)
-
+        train, validation, count = _inputs(spec, train_data, validation_data, str(model.inputs[0].dtype))
         checkpoints = job_dir / "checkpoint"
         checkpoints.mkdir(parents=True, exist_ok=True)
-        resumed = load_checkpoint(checkpoints, model)
-        initial_epoch, global_step = resumed or (0, 0)
+        initial_epoch, global_step = load_checkpoint(checkpoints, model) or (0, 0)
 
         def checkpoint(epoch: int, step: int) -> None:
             save_checkpoint(checkpoints, model, epoch, step)
-            reporter.emit("checkpoint_saved", {"epoch": epoch, "global_step": step})
+            reporter.emit(CheckpointSaved(epoch=epoch, global_step=step))
 
-        events = _Events(reporter, spec, steps_per_epoch, rate, global_step, checkpoint)
-        callbacks: list[Any] = [
-            events,
-            keras.callbacks.TensorBoard(
-                log_dir=str(job_dir / "tensorboard"), write_graph=False, update_freq="epoch", profile_batch=0
-            ),
-        ]
-        if spec.early_stopping is not None:
-            stopping = spec.early_stopping
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor=stopping.monitor,
-                    patience=stopping.patience,
-                    min_delta=stopping.min_delta,
-                    restore_best_weights=stopping.restore_best_weights,
-                )
-            )
+        steps_per_epoch = math.ceil(count / spec.batch_size)
+        progress = JobProgress(reporter, spec, steps_per_epoch, rate, global_step, checkpoint)
         if initial_epoch < spec.epochs:
             model.fit(
                 train,
                 validation_data=validation,
                 epochs=spec.epochs,
                 initial_epoch=initial_epoch,
-                callbacks=callbacks,
+                callbacks=[progress, *_keras_callbacks(spec, job_dir)],
                 shuffle=False,  # the pipeline shuffles
                 verbose=0,
             )
     trained = {entry.path: np.array(variable.numpy()) for entry, variable in model_variables(model)}
-    return Outcome(trained, events.last_logs, events.epoch or initial_epoch, events.global_step)
+    return Outcome(trained, progress.last_logs, progress.epoch or initial_epoch, progress.global_step)
+
+
+def _inputs(
+    spec: TrainingSpec,
+    train_data: tuple[Any, int],
+    validation_data: tuple[Any, int] | None,
+    input_dtype: str,
+) -> tuple[Any, Any, int]:
+    """The training batches, the validation batches (None without validation) and the training count.
+
+    Without a validation dataset, `validation_split` holds out the last
+    examples of the training data.
+    """
+    data, count = train_data
+    validation = None
+    if validation_data is not None:
+        held, held_count = validation_data
+        validation = pipeline(
+            held, spec, training=False, input_dtype=input_dtype, seed=None, count=held_count
+        )
+    elif spec.validation_split > 0:
+        held_out = max(1, int(count * spec.validation_split))
+        validation = pipeline(
+            data.skip(count - held_out),
+            spec,
+            training=False,
+            input_dtype=input_dtype,
+            seed=None,
+            count=held_out,
+        )
+        data, count = data.take(count - held_out), count - held_out
+    train = pipeline(data, spec, training=True, input_dtype=input_dtype, seed=spec.seed, count=count)
+    return train, validation, count
+
+
+def _keras_callbacks(spec: TrainingSpec, job_dir: Path) -> list[Any]:
+    """TensorBoard logs in the job's folder, and early stopping when the spec asks for it."""
+    import keras
+
+    callbacks: list[Any] = [
+        keras.callbacks.TensorBoard(
+            log_dir=str(job_dir / "tensorboard"), write_graph=False, update_freq="epoch", profile_batch=0
+        )
+    ]
+    if spec.early_stopping is not None:
+        stopping = spec.early_stopping
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=stopping.monitor,
+                patience=stopping.patience,
+                min_delta=stopping.min_delta,
+                restore_best_weights=stopping.restore_best_weights,
+            )
+        )
+    return callbacks

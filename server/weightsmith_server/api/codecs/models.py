@@ -1,0 +1,143 @@
+"""Models, Predict, exports, server info and evaluations as protos, and back."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from weightsmith.v1 import model_pb2, model_service_pb2, tensor_pb2
+from weightsmith_server.api.codecs.common import EnumTable, timestamp
+from weightsmith_server.api.codecs.tensors import decode_tensor, encode_tensor, wire_dtype
+from weightsmith_server.jobs.evaluation import Evaluation
+from weightsmith_server.models import architecture
+from weightsmith_server.models.creation import ModelSource
+from weightsmith_server.models.description import ModelInfo
+from weightsmith_server.models.export import ExportFormat
+from weightsmith_server.operations.models import Prediction, ServerInfo
+from weightsmith_server.tensor_spec import TensorSpecInfo
+
+MODEL_SOURCES = EnumTable(
+    model_pb2.ModelSource,
+    {
+        model_pb2.MODEL_SOURCE_CATALOG: ModelSource.CATALOG,
+        model_pb2.MODEL_SOURCE_CONFIG: ModelSource.CONFIG,
+        model_pb2.MODEL_SOURCE_UPLOAD: ModelSource.UPLOAD,
+        model_pb2.MODEL_SOURCE_JOB: ModelSource.JOB,
+    },
+)
+POOLING = EnumTable(
+    model_service_pb2.Pooling,
+    {
+        model_service_pb2.POOLING_UNSPECIFIED: None,
+        model_service_pb2.POOLING_AVG: "avg",
+        model_service_pb2.POOLING_MAX: "max",
+    },
+)
+EXPORT_FORMATS = EnumTable(
+    model_service_pb2.ExportFormat,
+    {
+        model_service_pb2.EXPORT_FORMAT_UNSPECIFIED: ExportFormat.KERAS,
+        model_service_pb2.EXPORT_FORMAT_KERAS: ExportFormat.KERAS,
+        model_service_pb2.EXPORT_FORMAT_SAVED_MODEL: ExportFormat.SAVED_MODEL,
+    },
+)
+DEVICE_KINDS = EnumTable(
+    model_service_pb2.DeviceKind,
+    {model_service_pb2.DEVICE_KIND_CPU: "CPU", model_service_pb2.DEVICE_KIND_GPU: "GPU"},
+)
+
+
+def _tensor_spec(spec: TensorSpecInfo) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(name=spec.name, dtype=wire_dtype(spec.dtype), shape=spec.shape)
+
+
+def model(info: ModelInfo) -> model_pb2.Model:
+    return model_pb2.Model(
+        model_id=info.model_id,
+        revision=info.revision,
+        architecture=info.architecture,
+        source=MODEL_SOURCES.encode(ModelSource(info.source)),
+        device=info.device,
+        parameter_count=info.parameter_count,
+        weight_bytes=info.weight_bytes,
+        inputs=[_tensor_spec(s) for s in info.inputs],
+        outputs=[_tensor_spec(s) for s in info.outputs],
+        layers=[
+            model_pb2.Layer(
+                index=layer.index, name=layer.name, class_name=layer.class_name, trainable=layer.trainable
+            )
+            for layer in info.layers
+        ],
+        variables=[
+            model_pb2.Variable(
+                path=v.path, dtype=wire_dtype(v.dtype), shape=v.shape, trainable=v.trainable, layer=v.layer
+            )
+            for v in info.variables
+        ],
+        create_time=timestamp(info.create_time),
+        update_time=timestamp(info.update_time),
+    )
+
+
+def catalog_spec(message: model_service_pb2.CatalogArchitecture) -> architecture.CatalogSpec:
+    return architecture.CatalogSpec(
+        name=message.name,
+        include_top=message.include_top if message.HasField("include_top") else True,
+        input_shape=tuple(message.input_shape) or None,
+        classes=message.classes or 1000,
+        pooling=POOLING.decode(message.pooling, field="catalog.pooling"),
+        weights_file=message.weights_file,
+        classifier_activation=message.classifier_activation or None,
+    )
+
+
+def predict_inputs(request: model_service_pb2.PredictRequest) -> list[tuple[str, np.ndarray]]:
+    return [
+        (named.name, decode_tensor(named.tensor, field=f"inputs[{i}].tensor"))
+        for i, named in enumerate(request.inputs)
+    ]
+
+
+def _named(name: str, array: np.ndarray) -> tensor_pb2.NamedTensor:
+    return tensor_pb2.NamedTensor(name=name, tensor=encode_tensor(array))
+
+
+def prediction(result: Prediction) -> model_service_pb2.PredictResponse:
+    return model_service_pb2.PredictResponse(
+        outputs=[tensor_pb2.NamedTensor(name=n, tensor=encode_tensor(a)) for n, a in result.outputs],
+        layer_outputs=[
+            tensor_pb2.NamedTensor(name=n, tensor=encode_tensor(a)) for n, a in result.layer_outputs
+        ],
+        revision=result.revision,
+    )
+
+
+def server_info(info: ServerInfo) -> model_service_pb2.GetServerInfoResponse:
+    return model_service_pb2.GetServerInfoResponse(
+        version=info.version,
+        tensorflow_version=info.tensorflow_version,
+        keras_version=info.keras_version,
+        devices=[
+            model_service_pb2.Device(
+                name=usage.device.name,
+                kind=DEVICE_KINDS.encode(usage.device.kind),
+                description=usage.device.description,
+                memory_used_bytes=usage.memory_used_bytes,
+                memory_total_bytes=usage.memory_total_bytes,
+                model_ids=usage.model_ids,
+                memory_growth=usage.device.memory_growth,
+            )
+            for usage in info.devices
+        ],
+        limits=model_service_pb2.ServerLimits(
+            max_message_bytes=info.limits.max_message_bytes,
+            max_upload_bytes=info.limits.max_upload_bytes,
+            chunk_size_bytes=info.limits.chunk_bytes,
+        ),
+        catalog_architectures=info.catalog_architectures,
+    )
+
+
+def evaluation(result: Evaluation) -> model_service_pb2.EvaluateResponse:
+    return model_service_pb2.EvaluateResponse(
+        loss=result.loss, metrics=result.metrics, example_count=result.example_count, revision=result.revision
+    )

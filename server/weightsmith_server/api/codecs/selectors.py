@@ -1,0 +1,23 @@
+"""VariableSelector messages as domain selectors."""
+
+from __future__ import annotations
+
+from weightsmith.v1 import selector_pb2
+from weightsmith_server.selectors import Selector
+
+
+def selector(message: selector_pb2.VariableSelector) -> Selector:
+    layer_range = None
+    if message.HasField("layer_range"):
+        layer_range = (
+            message.layer_range.start if message.layer_range.HasField("start") else None,
+            message.layer_range.stop if message.layer_range.HasField("stop") else None,
+        )
+    return Selector(
+        paths=tuple(message.paths),
+        patterns=tuple(message.patterns),
+        layers=tuple(message.layers),
+        layer_range=layer_range,
+        kinds=tuple(message.kinds),
+        trainable_only=message.trainable_only,
+    )

@@ -1,0 +1,124 @@
+"""How a new model comes to be: what to build, and what its first revision says.
+
+A `NewModel` carries a `build(device)` function that returns the Keras
+model with its values, the model's architecture name and source, and the
+draft of revision 1. The model host runs the build on the chosen device and
+commits revision 1 through the commit path.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.models import architecture
+from weightsmith_server.models.resident import ModelState
+from weightsmith_server.revisions.record import RevisionDraft, RevisionKind
+from weightsmith_server.store import Store
+from weightsmith_server.variables import model_variables
+
+
+class ModelSource(enum.StrEnum):
+    """Where a model came from (GetModel's `source`)."""
+
+    CATALOG = "catalog"
+    CONFIG = "config"
+    UPLOAD = "upload"
+    JOB = "job"
+
+
+@dataclass(frozen=True)
+class NewModel:
+    """A model to create: how to build it and what revision 1 says.
+
+    `architecture` names it (a catalog name); None takes the built model's
+    Keras class name (`Functional`, `Sequential`).
+    """
+
+    source: ModelSource
+    build: Callable[[str], Any]
+    draft: RevisionDraft
+    architecture: str | None = None
+
+
+def _draft(kind: RevisionKind, message: str, author: str, job_id: str = "") -> RevisionDraft:
+    # The summary names what was built; the host fills it in once it knows.
+    return RevisionDraft(kind=kind, author=author, message=message, summary="", job_id=job_id)
+
+
+def import_path(store: Store, relative: str) -> Path:
+    """A weights file under the store's `imports/` folder; INVALID_ARGUMENT if there is none."""
+    path = store.resolve_import(relative)
+    if path is None or not path.is_file():
+        raise InvalidArgument(
+            f"Received weights_file={relative[:200]!r}, expected the path of a file under the "
+            f"store's imports folder ({store.imports_dir}), relative to it.",
+            reason="WEIGHTS_FILE_NOT_FOUND",
+            field="catalog.weights_file",
+        )
+    return path
+
+
+def from_catalog(
+    spec: architecture.CatalogSpec, *, seed: int | None, weights_path: Path | None, message: str, author: str
+) -> NewModel:
+    """A `keras.applications` architecture, with fresh or imported weights."""
+
+    def build(device: str) -> Any:
+        return architecture.build_from_catalog(spec, seed=seed, device=device, weights_path=weights_path)
+
+    return NewModel(ModelSource.CATALOG, build, _draft(RevisionKind.CREATE, message, author), spec.name)
+
+
+def from_config(config_json: str, *, seed: int | None, message: str, author: str) -> NewModel:
+    """A Keras model config of builtin layers."""
+
+    def build(device: str) -> Any:
+        return architecture.build_from_config(
+            config_json, seed=seed, device=device, field="keras_config_json"
+        )
+
+    return NewModel(ModelSource.CONFIG, build, _draft(RevisionKind.CREATE, message, author))
+
+
+def from_upload(path: Path, *, message: str, author: str) -> NewModel:
+    """A received `.keras` file, loaded in safe mode; the file is removed once read."""
+
+    def build(device: str) -> Any:
+        try:
+            return architecture.load_upload(path, device=device, field="chunk")
+        finally:
+            path.unlink(missing_ok=True)
+
+    return NewModel(ModelSource.UPLOAD, build, _draft(RevisionKind.UPLOAD, message, author))
+
+
+def from_values(
+    config_json: str, values: Mapping[str, np.ndarray], *, message: str, author: str, job_id: str
+) -> NewModel:
+    """A config and every variable's value: a job's output model."""
+
+    def build(device: str) -> Any:
+        model = architecture.rebuild(config_json, device=device)
+        for entry, variable in model_variables(model):
+            variable.assign(values[entry.path])
+        return model
+
+    return NewModel(ModelSource.JOB, build, _draft(RevisionKind.CREATE, message, author, job_id))
+
+
+def materialize(store: Store, model_id: str, revision: int, device: str) -> ModelState:
+    """Build a stored revision's model, weights assigned bit-exactly."""
+    record = store.read_revision(model_id, revision)
+    manifest = store.read_manifest(model_id, revision)
+    keras_model = architecture.rebuild(store.read_architecture(model_id, revision), device=device)
+    state = ModelState.of(record, manifest, keras_model)
+    for stored in manifest.variables:
+        state.variables[stored.path].assign(store.load_tensor(model_id, stored))
+    return state

@@ -1,0 +1,113 @@
+"""The model host seam: the one interface through which anything reaches a resident model.
+
+Operations, edits, jobs and revisions never hold a model themselves; they
+ask a host to look one up, create or delete it, run a function on it where
+it lives, or commit a change to it. `LocalModelHost` keeps models in this
+process; a cluster host keeps each in its own remote owner. Every method
+blocks (TensorFlow and disk work) and is called from worker threads, never
+from the event loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
+
+from weightsmith_server.devices import Devices
+from weightsmith_server.models.creation import NewModel
+from weightsmith_server.models.description import ModelInfo
+from weightsmith_server.models.resident import ModelState, ResidentModel
+from weightsmith_server.revisions.commit import Change
+from weightsmith_server.revisions.record import RevisionRecord
+from weightsmith_server.store import Manifest, StagedRevision, Store
+
+T = TypeVar("T")
+
+
+class ModelHost(ABC):
+    """Where models live: lookup, lifecycle, functions run on them, and commits."""
+
+    store: Store
+    devices: Devices
+
+    # --- lifecycle -------------------------------------------------------------
+
+    @abstractmethod
+    def restore(self) -> None:
+        """Bring back every stored model at its latest revision; calls wait until then."""
+
+    @abstractmethod
+    def reserve(self, model_id: str, field: str) -> str:
+        """Claim a new id (a fresh one when empty) for a model about to be created."""
+
+    @abstractmethod
+    def release(self, model_id: str) -> None:
+        """Give up a reservation whose creation will not happen."""
+
+    @abstractmethod
+    def create(self, model_id: str, new: NewModel) -> ModelInfo:
+        """Build a model under a reserved id and commit its revision 1; releases the id."""
+
+    @abstractmethod
+    def delete(self, model_id: str) -> None:
+        """Remove a model from memory and, durably, from the store."""
+
+    @abstractmethod
+    def unload(self, model_id: str) -> None:
+        """Drop a model from memory; it stays stored and is loaded again on its next use."""
+
+    # --- reading ---------------------------------------------------------------
+
+    @abstractmethod
+    def describe(self, model_id: str, field: str = "model_id") -> ModelInfo:
+        """What GetModel reports."""
+
+    @abstractmethod
+    def list(self, page_size: int, page_token: str) -> tuple[list[ModelInfo], str]:
+        """One page of models ordered by id, and the next page's token."""
+
+    @abstractmethod
+    def placements(self) -> dict[str, list[str]]:
+        """The ids of the resident models on each device."""
+
+    @abstractmethod
+    def run(self, model_id: str, function: Callable[[ResidentModel], T], *, field: str = "model_id") -> T:
+        """Run `function` on the resident model where it lives; it takes the locks it needs."""
+
+    @abstractmethod
+    def revision(
+        self, model_id: str, revision: int, field: str = "revision", model_field: str = "model_id"
+    ) -> tuple[int, Manifest]:
+        """A revision's number and manifest (0: the current one); NOT_FOUND if not retained."""
+
+    @abstractmethod
+    def materialize(self, model_id: str, revision: int, device: str) -> ModelState:
+        """A separate copy of a committed revision's model, built from the store on `device`."""
+
+    # --- committing --------------------------------------------------------------
+
+    @abstractmethod
+    def stage(self, model_id: str, field: str = "model_id") -> StagedRevision:
+        """Start staging a new revision's files in the store."""
+
+    @abstractmethod
+    def commit(
+        self,
+        model_id: str,
+        staged: StagedRevision,
+        prepare: Callable[[ResidentModel], Change],
+        *,
+        expected_revision: int | None,
+        field_prefix: str = "",
+        job_id: str | None = None,
+    ) -> RevisionRecord:
+        """Commit one revision through the commit path (`revisions.commit`), or nothing."""
+
+    @abstractmethod
+    def reserve_for_job(self, model_id: str, job_id: str) -> bool:
+        """Lock a model for an in-place job; False if another job holds it."""
+
+    @abstractmethod
+    def release_job(self, model_id: str, job_id: str) -> None:
+        """End an in-place job's hold on its model."""

@@ -1,0 +1,211 @@
+"""ModelService operations: the lifecycle of models, Predict, export, server info, Evaluate."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from weightsmith_server import __version__
+from weightsmith_server.datasets import DatasetSplit, DatasetStore
+from weightsmith_server.devices import DeviceInfo
+from weightsmith_server.jobs.evaluation import Evaluation, evaluate
+from weightsmith_server.models import architecture, creation, inference
+from weightsmith_server.models.description import ModelInfo
+from weightsmith_server.models.export import ExportFormat, write_model
+from weightsmith_server.models.host import ModelHost
+from weightsmith_server.models.resident import ResidentModel
+from weightsmith_server.operations.blocking import Blocking
+from weightsmith_server.resources import check_upload_size, receive_file
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits a client must respect, as GetServerInfo reports them."""
+
+    max_message_bytes: int
+    max_upload_bytes: int
+    chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceUsage:
+    """One device, its memory and the models placed on it."""
+
+    device: DeviceInfo
+    memory_used_bytes: int
+    memory_total_bytes: int
+    model_ids: list[str]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What GetServerInfo reports."""
+
+    version: str
+    tensorflow_version: str
+    keras_version: str
+    devices: list[DeviceUsage]
+    limits: ServerLimits
+    catalog_architectures: list[str]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predict's answer: named outputs, requested layer outputs, the revision that ran."""
+
+    outputs: list[tuple[str, np.ndarray]]
+    layer_outputs: list[tuple[str, np.ndarray]]
+    revision: int
+
+
+class ModelOperations:
+    """Create, upload, inspect, export, delete and run models, through the model host."""
+
+    def __init__(
+        self, host: ModelHost, datasets: DatasetStore, blocking: Blocking, limits: ServerLimits
+    ) -> None:
+        self._host = host
+        self._datasets = datasets
+        self._blocking = blocking
+        self._limits = limits
+
+    async def create_from_catalog(
+        self, model_id: str, spec: architecture.CatalogSpec, *, seed: int | None, message: str, author: str
+    ) -> ModelInfo:
+        weights_path = (
+            creation.import_path(self._host.store, spec.weights_file) if spec.weights_file else None
+        )
+        new = creation.from_catalog(
+            spec, seed=seed, weights_path=weights_path, message=message, author=author
+        )
+        return await self._create(model_id, "model_id", new)
+
+    async def create_from_config(
+        self, model_id: str, config_json: str, *, seed: int | None, message: str, author: str
+    ) -> ModelInfo:
+        new = creation.from_config(config_json, seed=seed, message=message, author=author)
+        return await self._create(model_id, "model_id", new)
+
+    async def upload(
+        self, model_id: str, size_bytes: int, chunks: AsyncIterator[bytes], *, message: str, author: str
+    ) -> ModelInfo:
+        """Receive a `.keras` file, check it, load it safely and commit revision 1."""
+        check_upload_size(
+            size_bytes, self._limits.max_upload_bytes, field="header.size_bytes", what="`.keras` file"
+        )
+        model_id = self._host.reserve(model_id, "header.model_id")
+        path = self._host.store.tmp_dir / f"upload-{model_id}-{uuid.uuid4().hex}.keras"
+        try:
+            await receive_file(path, size_bytes, chunks, self._blocking.executor)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            self._host.release(model_id)
+            raise
+        return await self._blocking(
+            self._host.create, model_id, creation.from_upload(path, message=message, author=author)
+        )
+
+    async def _create(self, model_id: str, field: str, new: creation.NewModel) -> ModelInfo:
+        # Reserved and submitted in one step: the worker releases the id when it is done,
+        # even if the caller gives up first.
+        model_id = self._host.reserve(model_id, field)
+        return await self._blocking(self._host.create, model_id, new)
+
+    async def get(self, model_id: str) -> ModelInfo:
+        return await self._blocking(self._host.describe, model_id)
+
+    async def list(self, page_size: int, page_token: str) -> tuple[list[ModelInfo], str]:
+        return await self._blocking(self._host.list, page_size, page_token)
+
+    async def delete(self, model_id: str) -> None:
+        await self._blocking(self._host.delete, model_id)
+
+    async def export(
+        self, model_id: str, revision: int, file_format: ExportFormat
+    ) -> AsyncIterator[tuple[bytes, int, int]]:
+        """The exported file as `(chunk, total size, revision)`; the file is removed afterwards."""
+        path, number = await self._blocking(self._write_export, model_id, revision, file_format)
+        handle = None
+        try:
+            size = (await self._blocking(path.stat)).st_size
+            handle = await self._blocking(open, path, "rb")
+            while chunk := await self._blocking(handle.read, self._limits.chunk_bytes):
+                yield chunk, size, number
+        finally:
+            # Not awaited: a cancelled call must still clean up, and never on the event loop.
+            self._blocking.executor.submit(_discard, path, handle)
+
+    def _write_export(self, model_id: str, revision: int, file_format: ExportFormat) -> tuple[Path, int]:
+        number, _ = self._host.revision(model_id, revision)
+        # From the store, on the CPU: no lock held while saving, so Predict and
+        # commits go on, and any retained revision exports the same way.
+        target = self._host.store.tmp_dir / f"export-{model_id}-{number}-{uuid.uuid4().hex}"
+        state = self._host.materialize(model_id, number, "/device:CPU:0")
+        return write_model(state.keras_model, target, file_format), number
+
+    async def predict(
+        self, model_id: str, inputs: Sequence[tuple[str, np.ndarray]], output_layers: Sequence[str]
+    ) -> Prediction:
+        def run(resident: ResidentModel) -> Prediction:
+            return Prediction(*inference.predict(resident, inputs, output_layers))
+
+        return await self._blocking(self._host.run, model_id, run)
+
+    async def server_info(self) -> ServerInfo:
+        return await self._blocking(self._server_info)
+
+    def _server_info(self) -> ServerInfo:
+        import keras
+        import tensorflow as tf
+
+        devices = self._host.devices
+        placed = self._host.placements()
+        described = []
+        for device in devices.devices:
+            used, total = devices.memory(device)
+            described.append(DeviceUsage(device, used, total, placed.get(device.name, [])))
+        return ServerInfo(
+            version=__version__,
+            tensorflow_version=tf.__version__,
+            keras_version=keras.__version__,
+            devices=described,
+            limits=self._limits,
+            catalog_architectures=architecture.catalog_names(),
+        )
+
+    async def evaluate(
+        self,
+        model_id: str,
+        dataset_id: str,
+        *,
+        revision: int,
+        loss: str,
+        metrics: tuple[str, ...],
+        batch_size: int,
+        split: DatasetSplit,
+        rescale: float | None,
+    ) -> Evaluation:
+        return await self._blocking(
+            evaluate,
+            self._host,
+            self._datasets,
+            model_id,
+            dataset_id,
+            revision=revision,
+            loss=loss,
+            metrics=metrics,
+            batch_size=batch_size,
+            split=split,
+            rescale=rescale,
+        )
+
+
+def _discard(path: Path, handle: BinaryIO | None) -> None:
+    if handle is not None:
+        handle.close()
+    path.unlink(missing_ok=True)
