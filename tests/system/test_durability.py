@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_revert_after_edits_and_sigkill_is_bit_exact(tmp_path: Path) -> None:
-    from tests.test_edits import _mixed_edits
+    from tests.api.test_edits import _mixed_edits
     from weightsmith import edits
 
     store = tmp_path / "store"
