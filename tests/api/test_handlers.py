@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import ServiceDescriptor
@@ -57,3 +59,22 @@ def test_an_override_for_an_unknown_rpc_fails_at_registration() -> None:
     servicer = model_servicer.ModelServicer(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="NoSuchRpc"):
         service_handler(model_servicer.SERVICE, servicer, request_deserializers={"NoSuchRpc": bytes})
+
+
+def _servicer_methods() -> list[tuple[str, ast.AsyncFunctionDef]]:
+    methods = []
+    for module in (model_servicer, weight_servicer, training_servicer):
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            methods.extend(
+                (f"{cls.name}.{f.name}", f) for f in cls.body if isinstance(f, ast.AsyncFunctionDef)
+            )
+    return methods
+
+
+@pytest.mark.parametrize(("name", "method"), _servicer_methods(), ids=[n for n, _ in _servicer_methods()])
+def test_servicer_methods_only_decode_call_and_encode(name: str, method: ast.AsyncFunctionDef) -> None:
+    """No branching or error handling in servicers: codecs decide, operations act, interceptors map errors."""
+    branches = [type(n).__name__ for n in ast.walk(method) if isinstance(n, ast.If | ast.Try | ast.While)]
+    assert not branches, f"{name} has {branches}"
+    assert len(method.body) <= 4, f"{name} has {len(method.body)} statements"

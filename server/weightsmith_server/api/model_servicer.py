@@ -11,14 +11,9 @@ from weightsmith_server.api.codecs import datasets as dataset_codecs
 from weightsmith_server.api.codecs import models as codecs
 from weightsmith_server.api.codecs import streams
 from weightsmith_server.api.identity import author
-from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.operations.models import ModelOperations
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"]
-
-
-def _seed(request: pb.CreateModelRequest) -> int | None:
-    return request.seed if request.HasField("seed") else None
 
 
 class ModelServicer:
@@ -30,22 +25,13 @@ class ModelServicer:
     async def CreateModel(
         self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateModelResponse:
-        options = {"seed": _seed(request), "message": request.message, "author": author(context)}
-        which = request.WhichOneof("architecture")
-        if which == "catalog":
-            info = await self._models.create_from_catalog(
-                request.model_id, codecs.catalog_spec(request.catalog), **options
-            )
-        elif which == "keras_config_json":
-            info = await self._models.create_from_config(
-                request.model_id, request.keras_config_json, **options
-            )
-        else:
-            raise InvalidArgument(
-                "Received no architecture; set `catalog` or `keras_config_json`.",
-                reason="MISSING_ARCHITECTURE",
-                field="architecture",
-            )
+        info = await self._models.create(
+            request.model_id,
+            codecs.architecture_source(request),
+            seed=request.seed if request.HasField("seed") else None,
+            message=request.message,
+            author=author(context),
+        )
         return pb.CreateModelResponse(model=codecs.model(info))
 
     async def UploadModel(

@@ -74,22 +74,29 @@ class ModelOperations:
         self._blocking = blocking
         self._limits = limits
 
-    async def create_from_catalog(
-        self, model_id: str, spec: architecture.CatalogSpec, *, seed: int | None, message: str, author: str
+    async def create(
+        self,
+        model_id: str,
+        source: architecture.CatalogSpec | str,
+        *,
+        seed: int | None,
+        message: str,
+        author: str,
     ) -> ModelInfo:
-        weights_path = (
-            creation.import_path(self._host.store, spec.weights_file) if spec.weights_file else None
-        )
-        new = creation.from_catalog(
-            spec, seed=seed, weights_path=weights_path, message=message, author=author
-        )
-        return await self._create(model_id, "model_id", new)
-
-    async def create_from_config(
-        self, model_id: str, config_json: str, *, seed: int | None, message: str, author: str
-    ) -> ModelInfo:
-        new = creation.from_config(config_json, seed=seed, message=message, author=author)
-        return await self._create(model_id, "model_id", new)
+        """A new model at revision 1, from a catalog architecture or a Keras config JSON."""
+        if isinstance(source, architecture.CatalogSpec):
+            weights = (
+                creation.import_path(self._host.store, source.weights_file) if source.weights_file else None
+            )
+            new = creation.from_catalog(
+                source, seed=seed, weights_path=weights, message=message, author=author
+            )
+        else:
+            new = creation.from_config(source, seed=seed, message=message, author=author)
+        # Reserved and submitted in one step: the worker releases the id when it is done,
+        # even if the caller gives up first.
+        model_id = self._host.reserve(model_id, "model_id")
+        return await self._blocking(self._host.create, model_id, new)
 
     async def upload(
         self, model_id: str, size_bytes: int, chunks: AsyncIterator[bytes], *, message: str, author: str
@@ -109,12 +116,6 @@ class ModelOperations:
         return await self._blocking(
             self._host.create, model_id, creation.from_upload(path, message=message, author=author)
         )
-
-    async def _create(self, model_id: str, field: str, new: creation.NewModel) -> ModelInfo:
-        # Reserved and submitted in one step: the worker releases the id when it is done,
-        # even if the caller gives up first.
-        model_id = self._host.reserve(model_id, field)
-        return await self._blocking(self._host.create, model_id, new)
 
     async def get(self, model_id: str) -> ModelInfo:
         return await self._blocking(self._host.describe, model_id)

@@ -7,6 +7,7 @@ import numpy as np
 from weightsmith.v1 import model_pb2, model_service_pb2, tensor_pb2
 from weightsmith_server.api.codecs.common import EnumTable, timestamp
 from weightsmith_server.api.codecs.tensors import decode_tensor, encode_tensor, wire_dtype
+from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.jobs.evaluation import Evaluation
 from weightsmith_server.models import architecture
 from weightsmith_server.models.creation import ModelSource
@@ -75,6 +76,20 @@ def model(info: ModelInfo) -> model_pb2.Model:
         ],
         create_time=timestamp(info.create_time),
         update_time=timestamp(info.update_time),
+    )
+
+
+def architecture_source(request: model_service_pb2.CreateModelRequest) -> architecture.CatalogSpec | str:
+    """What CreateModel builds: a catalog architecture, or a Keras config JSON."""
+    which = request.WhichOneof("architecture")
+    if which == "catalog":
+        return catalog_spec(request.catalog)
+    if which == "keras_config_json":
+        return request.keras_config_json
+    raise InvalidArgument(
+        "Received no architecture; set `catalog` or `keras_config_json`.",
+        reason="MISSING_ARCHITECTURE",
+        field="architecture",
     )
 
 
