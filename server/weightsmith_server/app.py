@@ -30,11 +30,11 @@ from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.devices import Devices
 from weightsmith_server.jobs.manager import JobManager
 from weightsmith_server.models.local_host import LocalModelHost
-from weightsmith_server.operations.blocking import Blocking
 from weightsmith_server.operations.models import ModelOperations, ServerLimits
 from weightsmith_server.operations.training import TrainingOperations
 from weightsmith_server.operations.weights import WeightOperations
 from weightsmith_server.store import Store
+from weightsmith_server.workers import Blocking
 
 log = logging.getLogger("weightsmith_server")
 
@@ -83,6 +83,22 @@ def _server_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+def _service_handlers(
+    models: ModelOperations, weights: WeightOperations, training: TrainingOperations, chunk_bytes: int
+) -> tuple[grpc.GenericRpcHandler, ...]:
+    """One handler per service of the contract, each serving every rpc of its service."""
+    return (
+        service_handler(model_servicer.SERVICE, model_servicer.ModelServicer(models)),
+        service_handler(
+            weight_servicer.SERVICE,
+            weight_servicer.WeightServicer(weights, chunk_bytes),
+            request_deserializers=weight_servicer.REQUEST_DESERIALIZERS,
+            response_serializers=weight_servicer.RESPONSE_SERIALIZERS,
+        ),
+        service_handler(training_servicer.SERVICE, training_servicer.TrainingServicer(training)),
+    )
+
+
 async def create_server(config: Config) -> RunningServer:
     """Build, bind and start the server, restore the store, then report SERVING.
 
@@ -106,21 +122,11 @@ async def create_server(config: Config) -> RunningServer:
         interceptors=[ErrorInterceptor(config.max_message_bytes)], options=_server_options(config)
     )
     server.add_generic_rpc_handlers(
-        (
-            service_handler(
-                model_servicer.SERVICE,
-                model_servicer.ModelServicer(ModelOperations(host, datasets, blocking, limits)),
-            ),
-            service_handler(
-                weight_servicer.SERVICE,
-                weight_servicer.WeightServicer(WeightOperations(host, blocking), config.chunk_bytes),
-                request_deserializers=weight_servicer.REQUEST_DESERIALIZERS,
-                response_serializers=weight_servicer.RESPONSE_SERIALIZERS,
-            ),
-            service_handler(
-                training_servicer.SERVICE,
-                training_servicer.TrainingServicer(TrainingOperations(datasets, jobs)),
-            ),
+        _service_handlers(
+            ModelOperations(host, datasets, blocking, limits),
+            WeightOperations(host, blocking),
+            TrainingOperations(datasets, jobs),
+            config.chunk_bytes,
         )
     )
     health_servicer = health.aio.HealthServicer()

@@ -11,8 +11,9 @@ to disk with the byte count checked, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -26,6 +27,7 @@ from weightsmith_server.errors import (
 )
 from weightsmith_server.naming import new_id, validate_id
 from weightsmith_server.paging import page_after
+from weightsmith_server.workers import run_then
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -140,15 +142,25 @@ class ResourceTable(Generic[T]):
         with self.lock:
             self._reserved.discard(resource_id)
 
-    async def run_reserved(self, executor: Executor, resource_id: str, function: Callable[[], R]) -> R:
-        """Run `function` in `executor` and release `resource_id` when the worker is done.
+    @contextlib.contextmanager
+    def reservation(self, resource_id: str, field: str) -> Iterator[str]:
+        """Hold an id (a fresh one when empty) while a creation runs in this block."""
+        reserved = self.reserve(resource_id, field)
+        try:
+            yield reserved
+        finally:
+            self.release(reserved)
 
-        Released by the worker's own completion, not the caller's: a client
-        that gives up must not free the id while the creation still runs.
+    async def claim(self, executor: Executor, resource_id: str, field: str) -> str:
+        """`reserve` on a worker thread (it looks at the disk), for a creation that first receives a stream.
+
+        The caller hands the id to `run_reserved`, or releases it if the stream fails.
         """
-        future = executor.submit(function)
-        future.add_done_callback(lambda _: self.release(resource_id))
-        return await asyncio.wrap_future(future)
+        return await asyncio.get_running_loop().run_in_executor(executor, self.reserve, resource_id, field)
+
+    async def run_reserved(self, executor: Executor, resource_id: str, function: Callable[[], R]) -> R:
+        """Run `function` in `executor` and release `resource_id` when the worker is done (`run_then`)."""
+        return await run_then(executor, lambda: self.release(resource_id), function)
 
 
 def check_upload_size(size_bytes: int, limit: int, *, field: str, what: str, hint: str = "") -> None:

@@ -92,45 +92,7 @@ class WeightWrite:
         field = f"chunks[{self._index}]"
         self._index += 1
         if name:
-            self._finish_tensor()
-            known = self._known.get(name)
-            if known is None:
-                raise InvalidArgument(
-                    f"Received an unknown variable {name!r}; GetModel lists the model's variables.",
-                    reason="UNKNOWN_VARIABLE",
-                    field=f"{field}.name",
-                )
-            if name in self._written:
-                raise InvalidArgument(
-                    f"Variable {name!r} was sent twice in one write.",
-                    reason="DUPLICATE_VARIABLE",
-                    field=f"{field}.name",
-                )
-            received = numpy_dtype_for(dtype, field=f"{field}.dtype")
-            expected = numpy_dtype(known.dtype)
-            if received != expected:
-                raise InvalidArgument(
-                    f"Received dtype {received.name} for {name!r}, expected {expected.name}.",
-                    reason="WRONG_DTYPE",
-                    field=f"{field}.dtype",
-                )
-            if tuple(shape) != known.shape:
-                raise InvalidArgument(
-                    f"Received shape {list(shape)} for {name!r}, expected {list(known.shape)}.",
-                    reason="WRONG_SHAPE",
-                    field=f"{field}.shape",
-                )
-            try:
-                self._writer = self._staged.open_tensor(known.entry, expected, known.shape)
-            except FileNotFoundError:  # the staging folder went with a deleted model
-                raise self._deleted() from None
-            value = aligned_empty(known.shape, expected)
-            self._values[name] = value
-            self._target = value.reshape(-1).view(np.uint8)
-            self._dtype = expected
-            self._filled = 0
-            self._flushed = 0
-            self._size = known.nbytes
+            self._start_tensor(name, dtype, shape, field)
         elif self._writer is None:
             raise InvalidArgument(
                 "Received a chunk without a name that does not continue a tensor; the first "
@@ -138,6 +100,62 @@ class WeightWrite:
                 reason="ORPHAN_CHUNK",
                 field=f"{field}.name",
             )
+        self._check_chunk(offset, data, field)
+        end = offset + len(data)
+        if end > offset:
+            self._last_copy = _COPIER.submit(
+                np.copyto, self._target[offset:end], np.frombuffer(data, np.uint8)
+            )
+        self._filled = end
+        if self._filled - self._flushed >= _FLUSH_BYTES:
+            self._flush(final=False)
+        self._last_field = field
+
+    def _start_tensor(self, name: str, dtype: int, shape: tuple[int, ...], field: str) -> None:
+        """Finish the previous tensor, check the new one's header and open its staged file."""
+        self._finish_tensor()
+        known = self._known.get(name)
+        if known is None:
+            raise InvalidArgument(
+                f"Received an unknown variable {name!r}; GetModel lists the model's variables.",
+                reason="UNKNOWN_VARIABLE",
+                field=f"{field}.name",
+            )
+        if name in self._written:
+            raise InvalidArgument(
+                f"Variable {name!r} was sent twice in one write.",
+                reason="DUPLICATE_VARIABLE",
+                field=f"{field}.name",
+            )
+        received = numpy_dtype_for(dtype, field=f"{field}.dtype")
+        expected = numpy_dtype(known.dtype)
+        if received != expected:
+            raise InvalidArgument(
+                f"Received dtype {received.name} for {name!r}, expected {expected.name}.",
+                reason="WRONG_DTYPE",
+                field=f"{field}.dtype",
+            )
+        if tuple(shape) != known.shape:
+            raise InvalidArgument(
+                f"Received shape {list(shape)} for {name!r}, expected {list(known.shape)}.",
+                reason="WRONG_SHAPE",
+                field=f"{field}.shape",
+            )
+        try:
+            self._writer = self._staged.open_tensor(known.entry, expected, known.shape)
+        except FileNotFoundError:  # the staging folder went with a deleted model
+            raise self._deleted() from None
+        value = aligned_empty(known.shape, expected)
+        self._values[name] = value
+        self._target = value.reshape(-1).view(np.uint8)
+        self._dtype = expected
+        self._filled = 0
+        self._flushed = 0
+        self._size = known.nbytes
+
+    def _check_chunk(self, offset: int, data: memoryview, field: str) -> None:
+        """A chunk continues its tensor exactly, holds whole elements, and finite ones unless allowed."""
+        assert self._writer is not None
         path = self._writer.record.path
         if offset != self._filled:
             problem = "overlaps earlier bytes" if offset < self._filled else "leaves a gap"
@@ -175,14 +193,6 @@ class WeightWrite:
                 reason="NON_FINITE_VALUES",
                 field=f"{field}.data",
             )
-        if end > offset:
-            self._last_copy = _COPIER.submit(
-                np.copyto, self._target[offset:end], np.frombuffer(data, np.uint8)
-            )
-        self._filled = end
-        if self._filled - self._flushed >= _FLUSH_BYTES:
-            self._flush(final=False)
-        self._last_field = field
 
     def _finish_tensor(self) -> None:
         writer = self._writer

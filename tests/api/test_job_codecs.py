@@ -115,3 +115,13 @@ def test_every_event_kind_encodes(payload, kind: str) -> None:
         assert message.state_changed.state == job_pb2.JOB_STATE_CANCELLED
     elif kind == "progress":
         assert message.progress.metrics["accuracy"] == pytest.approx(0.9)
+
+
+def test_an_old_client_sending_random_flip_as_a_string_is_refused() -> None:
+    # What a client built before RandomFlip existed puts on the wire: field 3, a string.
+    old_preprocessing = b"\x1a\x0ahorizontal"
+    spec = job_pb2.JobSpec(preprocessing=job_pb2.Preprocessing.FromString(old_preprocessing))
+    with pytest.raises(InvalidArgument) as caught:
+        codec.training_spec(spec)
+    assert caught.value.reason == "INVALID_ENUM_VALUE"
+    assert caught.value.violations[0][0] == "spec.preprocessing.random_flip"

@@ -149,7 +149,7 @@ class DatasetStore:
             what="dataset file",
             hint="put the file under a dataset root and use CreateDataset, or raise the limit",
         )
-        dataset_id = self._table.reserve(dataset_id, "header.dataset_id")
+        dataset_id = await self._table.claim(self.executor, dataset_id, "header.dataset_id")
         path = self.tmp_dir / f"{_TMP_PREFIX}upload-{uuid.uuid4().hex}"
         try:
             await receive_file(path, size_bytes, chunks, self.executor, field="chunk")
@@ -181,25 +181,27 @@ class DatasetStore:
         if dataset_id:
             validate_id(dataset_id, field="dataset_id", kind="dataset")
         source = _check_source(source, "source")
-        path = _resolve_uri(uri, [*self.allowed_roots, self.imports_dir], self.imports_dir)
-        _check_readable_file(path, uri)
-        dataset_id = self._table.reserve(dataset_id, "dataset_id")
+        roots = [*self.allowed_roots, self.imports_dir]
 
         def copy_and_ingest() -> DatasetInfo:
-            # A private copy: later changes to the source cannot change the dataset.
-            copy = self.tmp_dir / f"{_TMP_PREFIX}import-{uuid.uuid4().hex}"
-            try:
+            path = _resolve_uri(uri, roots, self.imports_dir)
+            _check_readable_file(path, uri)
+            with self._table.reservation(dataset_id, "dataset_id") as reserved:
+                # A private copy: later changes to the source cannot change the dataset.
+                copy = self.tmp_dir / f"{_TMP_PREFIX}import-{uuid.uuid4().hex}"
                 try:
-                    shutil.copyfile(path, copy)
-                except FileNotFoundError as exc:
-                    raise _file_not_found(uri) from exc
-                except OSError as exc:
-                    raise _unreadable(uri, exc) from exc
-                return self._ingest(dataset_id, source, copy, "uri", "source")
-            finally:
-                copy.unlink(missing_ok=True)
+                    try:
+                        shutil.copyfile(path, copy)
+                    except FileNotFoundError as exc:
+                        raise _file_not_found(uri) from exc
+                    except OSError as exc:
+                        raise _unreadable(uri, exc) from exc
+                    return self._ingest(reserved, source, copy, "uri", "source")
+                finally:
+                    copy.unlink(missing_ok=True)
 
-        return await self._table.run_reserved(self.executor, dataset_id, copy_and_ingest)
+        # Resolving, reserving and copying all touch the disk: one worker does them, in that order.
+        return await asyncio.get_running_loop().run_in_executor(self.executor, copy_and_ingest)
 
     def _ingest(
         self, dataset_id: str, source: DatasetSource, data: Path, data_field: str, source_field: str

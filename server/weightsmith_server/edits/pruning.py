@@ -44,10 +44,10 @@ class PruneNorm(enum.StrEnum):
 def _scores(value: np.ndarray, granularity: PruneGranularity, norm: PruneNorm) -> np.ndarray:
     """Per element |w|, or per output channel its L1 or L2 norm, as float64."""
     magnitude = np.abs(value.astype(np.float64))
-    if granularity is PruneGranularity.ELEMENT:
+    if granularity == PruneGranularity.ELEMENT:
         return magnitude.ravel()
     channels = magnitude.reshape(-1, value.shape[-1]) if value.ndim else magnitude.reshape(1, 1)
-    return channels.sum(axis=0) if norm is PruneNorm.L1 else np.sqrt((channels**2).sum(axis=0))
+    return channels.sum(axis=0) if norm == PruneNorm.L1 else np.sqrt((channels**2).sum(axis=0))
 
 
 def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
@@ -59,7 +59,7 @@ def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
 
 def _zero(value: np.ndarray, indices: np.ndarray, granularity: PruneGranularity) -> np.ndarray:
     pruned = np.array(value)
-    if granularity is PruneGranularity.ELEMENT:
+    if granularity == PruneGranularity.ELEMENT:
         pruned.reshape(-1)[indices] = 0
     else:
         pruned[..., indices] = 0
@@ -89,7 +89,7 @@ class Prune(EditOp):
         paths = ctx.select(self.selector)
         values = ctx.floating(paths)
         scores = [_scores(v, self.granularity, self.norm) for v in values]
-        if self.scope is PruneScope.PER_TENSOR:
+        if self.scope == PruneScope.PER_TENSOR:
             for path, value, score in zip(paths, values, scores, strict=True):
                 chosen = _smallest(score, math.floor(sparsity * score.size))
                 ctx.put(path, _zero(value, chosen, self.granularity), report)

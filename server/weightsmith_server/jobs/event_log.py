@@ -48,13 +48,22 @@ class EventLog:
 
     @staticmethod
     def _parse(line: bytes) -> JobEvent | None:
-        """The event a line holds, or None for a line torn by a crash (it was never published)."""
+        """The event a line holds, or None for a line torn by a crash (it was never published).
+
+        Raises:
+            ValueError: a complete JSON line that is not an event this server
+                knows; cutting it off would reuse its sequence number.
+        """
         if not line.endswith(b"\n"):
             return None
         try:
-            return JobEvent.from_json(json.loads(line))
-        except (ValueError, KeyError, TypeError):
+            raw = json.loads(line)
+        except json.JSONDecodeError:
             return None
+        try:
+            return JobEvent.from_json(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"an event this server cannot read: {exc}") from exc
 
     @property
     def last_sequence(self) -> int:

@@ -54,6 +54,7 @@ from weightsmith_server.jobs.validation import validate
 from weightsmith_server.models import creation
 from weightsmith_server.models.host import ModelHost
 from weightsmith_server.models.resident import ResidentModel
+from weightsmith_server.naming import validate_id
 from weightsmith_server.paging import decode_number_token, encode_page_token, page_after, page_size
 from weightsmith_server.resources import ResourceTable
 from weightsmith_server.revisions.commit import Change, stage_values
@@ -131,11 +132,12 @@ class JobManager:
                 continue
             try:
                 record = JobRecord.from_dict(read_json(folder / "job.json"))
+                events = EventLog(folder / "events.jsonl")
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.exception("job %s: job.json could not be read", folder.name)
+                log.exception("job %s: job.json or events.jsonl could not be read", folder.name)
                 unrestorable[folder.name] = f"{type(exc).__name__}: {exc}"
                 continue
-            jobs[record.job_id] = _Job(record, EventLog(folder / "events.jsonl"), folder)
+            jobs[record.job_id] = _Job(record, events, folder)
         self._table.replace_all(jobs, unrestorable)
         resumed = [job for job in jobs.values() if job.active]
         for job in jobs.values():
@@ -161,8 +163,10 @@ class JobManager:
             self._lock.notify_all()
         for runner in self._runners:
             runner.join(60)
-        self.writer.stop()
+        # Creations and cancellations in flight wait for their events to be written: the
+        # writer stops after them.
         self._executor.shutdown(wait=True)
+        self.writer.stop()
 
     # --- queries ---------------------------------------------------------------
 
@@ -221,12 +225,20 @@ class JobManager:
     # --- lifecycle -------------------------------------------------------------
 
     async def create(self, job_id: str, spec: TrainingSpec) -> JobRecord:
-        """Validate the spec completely, persist the job, queue it (an empty id gets a fresh one)."""
-        job_id = self._table.reserve(job_id, "job_id")
-        return await self._table.run_reserved(self._executor, job_id, lambda: self._create(job_id, spec))
+        """Validate the spec completely, persist the job, queue it (an empty id gets a fresh one).
+
+        All of it runs on the manager's worker (validation reads models, creation fsyncs).
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._create, job_id, spec)
 
     def _create(self, job_id: str, spec: TrainingSpec) -> JobRecord:
+        if job_id:
+            validate_id(job_id, field="job_id", kind="job")
         validate(spec, self.host, self.datasets)
+        with self._table.reservation(job_id, "job_id") as job_id:
+            return self._queue_new(job_id, spec)
+
+    def _queue_new(self, job_id: str, spec: TrainingSpec) -> JobRecord:
         with self._lock:
             output = spec.output_model_id
             if output and any(
@@ -319,18 +331,23 @@ class JobManager:
         if job.cancel.is_set():
             self._finish(job, JobState.CANCELLED, "")
             return
+        in_place = not spec.output_model_id
         try:
-            device, revision = self.host.run(spec.model_id, lambda model: (model.device, model.revision))
+            # Reserved first: no other commit can move the base revision the job starts from.
+            if in_place and not self.host.reserve_for_job(spec.model_id, job.record.job_id):
+                with self._lock:  # another in-place job holds the model: run this one later
+                    self._queue.append(job.record.job_id)
+                time.sleep(0.5)
+                return
         except (NotFound, FailedPrecondition) as exc:
             self._finish(job, JobState.FAILED, exc.message)
             return
-        in_place = not spec.output_model_id
-        if in_place and not self.host.reserve_for_job(spec.model_id, job.record.job_id):
-            with self._lock:  # another in-place job holds the model: run this one later
-                self._queue.append(job.record.job_id)
-            time.sleep(0.5)
-            return
         try:
+            try:
+                device, revision = self.host.run(spec.model_id, lambda model: (model.device, model.revision))
+            except (NotFound, FailedPrecondition) as exc:
+                self._finish(job, JobState.FAILED, exc.message)
+                return
             self._train(job, spec, device, revision, resumed)
         finally:
             if in_place:
@@ -442,7 +459,7 @@ class JobManager:
             new = creation.from_values(
                 config_json, outcome.values, message=message, author=author, job_id=job_id
             )
-            info = self.host.create(self.host.reserve(spec.output_model_id, "spec.output_model_id"), new)
+            info = self.host.create(spec.output_model_id, new, field="spec.output_model_id")
             return info.model_id, info.revision
         staged = self.host.stage(spec.model_id)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from weightsmith_server.errors import AlreadyExists, InvalidArgument, NotFound
+from weightsmith_server.errors import AlreadyExists, InvalidArgument
 from weightsmith_server.jobs.spec import LearningRateSpec, PreprocessingSpec, ScheduleKind, TrainingSpec
 from weightsmith_server.naming import validate_id
 from weightsmith_server.selectors import select
@@ -99,18 +99,10 @@ def validate(spec: TrainingSpec, host: ModelHost, datasets: DatasetStore) -> Non
     host.run(spec.model_id, lambda resident: _validate(spec, resident, host, datasets), field="spec.model_id")
 
 
-def _model_exists(host: ModelHost, model_id: str) -> bool:
-    try:
-        host.describe(model_id, field="spec.output_model_id")
-    except NotFound:
-        return False
-    return True
-
-
 def _validate(spec: TrainingSpec, resident: ResidentModel, host: ModelHost, datasets: DatasetStore) -> None:
     if spec.output_model_id:
         validate_id(spec.output_model_id, field="spec.output_model_id")
-        if _model_exists(host, spec.output_model_id):
+        if host.exists(spec.output_model_id):
             raise AlreadyExists(
                 f"A model with id {spec.output_model_id!r} exists already; pick another output id.",
                 reason="MODEL_EXISTS",

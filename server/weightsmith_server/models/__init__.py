@@ -4,7 +4,6 @@
   jobs, revisions); where a model lives is the host's business
 - `local_host`: `LocalModelHost`, models in this process
 - `resident`: one model in memory, its committed state and its locks
-- `catalog`: the table of resident models, restore at start-up, unloading
 - `creation`: building a new model (catalog, config, upload, job output)
 - `inference`: Predict on a committed state
 - `description`: what GetModel reports

@@ -26,7 +26,12 @@ T = TypeVar("T")
 
 
 class ModelHost(ABC):
-    """Where models live: lookup, lifecycle, functions run on them, and commits."""
+    """Where models live: lookup, lifecycle, functions run on them, and commits.
+
+    `store` is the durable store every host commits to and anyone may read
+    committed revisions from (in a cluster, a volume shared by all nodes);
+    only a model's host commits to it.
+    """
 
     store: Store
     devices: Devices
@@ -46,8 +51,13 @@ class ModelHost(ABC):
         """Give up a reservation whose creation will not happen."""
 
     @abstractmethod
-    def create(self, model_id: str, new: NewModel) -> ModelInfo:
-        """Build a model under a reserved id and commit its revision 1; releases the id."""
+    def create(
+        self, model_id: str, new: NewModel, *, field: str = "model_id", reserved: bool = False
+    ) -> ModelInfo:
+        """Build a model and commit its revision 1, under a new id (`reserved`: one already claimed).
+
+        The id is released when this returns, whatever happens.
+        """
 
     @abstractmethod
     def delete(self, model_id: str) -> None:
@@ -55,9 +65,16 @@ class ModelHost(ABC):
 
     @abstractmethod
     def unload(self, model_id: str) -> None:
-        """Drop a model from memory; it stays stored and is loaded again on its next use."""
+        """Drop a model from memory; it stays stored and is loaded again on its next use.
+
+        FAILED_PRECONDITION while an in-place job trains it.
+        """
 
     # --- reading ---------------------------------------------------------------
+
+    @abstractmethod
+    def exists(self, model_id: str) -> bool:
+        """Whether a model with this id is stored (resident or not)."""
 
     @abstractmethod
     def describe(self, model_id: str, field: str = "model_id") -> ModelInfo:

@@ -19,7 +19,7 @@ from weightsmith_server.models.host import ModelHost
 from weightsmith_server.models.resident import ModelState, ResidentModel
 from weightsmith_server.paging import page_after
 from weightsmith_server.resources import ResourceTable
-from weightsmith_server.revisions.commit import Change, commit_change
+from weightsmith_server.revisions.commit import Change, ModelUnloaded, commit_change
 from weightsmith_server.revisions.record import RevisionRecord
 from weightsmith_server.store import Manifest, ModelRecord, StagedRevision, Store
 from weightsmith_server.variables import model_variables
@@ -61,12 +61,18 @@ class LocalModelHost(ModelHost):
     def _resident(self, model_id: str, field: str = "model_id") -> ResidentModel:
         """The resident model (loaded again if it was unloaded), or NotFound."""
         self._require_ready()
-        if model_id in self._unloaded:
-            with self._loading:
-                if model_id in self._unloaded:
-                    self._models.put(model_id, self._load(model_id))
-                    self._unloaded.discard(model_id)
+        resident = self._models.find(model_id)
+        if resident is not None:
+            return resident
+        with self._loading:
+            if model_id in self._unloaded:
+                self._models.put(model_id, self._load(model_id))
+                self._unloaded.discard(model_id)
         return self._models.get(model_id, field)
+
+    def exists(self, model_id: str) -> bool:
+        self._require_ready()
+        return self._models.find(model_id) is not None or model_id in self._unloaded
 
     def describe(self, model_id: str, field: str = "model_id") -> ModelInfo:
         return describe(self._resident(model_id, field))
@@ -75,7 +81,9 @@ class LocalModelHost(ModelHost):
         self._require_ready()
         ids = sorted({*(m.model_id for m in self._models.values()), *self._unloaded})
         page, token = page_after(ids, lambda k: k, page_size, page_token)
-        return [self.describe(k) for k in page], token
+        # A model deleted since the ids were taken is left out, not an error.
+        found = [self._models.find(k) or (self._resident(k) if k in self._unloaded else None) for k in page]
+        return [describe(resident) for resident in found if resident is not None], token
 
     def placements(self) -> dict[str, list[str]]:
         placed: dict[str, list[str]] = {}
@@ -123,17 +131,15 @@ class LocalModelHost(ModelHost):
         rather than keeping the whole server from starting.
         """
         ids = self.store.model_ids()
-        loaded: dict[str, ResidentModel] = {}
-        failed: dict[str, str] = {}
         for model_id in ids:
             try:
-                loaded[model_id] = self._load(model_id)
+                # Registered one by one: placement sees the models restored before this one.
+                self._models.put(model_id, self._load(model_id))
             except Exception as exc:
                 log.exception("model %s could not be restored", model_id)
-                failed[model_id] = f"{type(exc).__name__}: {exc}"
-        self._models.replace_all(loaded, failed)
+                self._models.mark_unrestorable(model_id, f"{type(exc).__name__}: {exc}")
         self.ready = True
-        log.info("restored %d of %d model(s)", len(loaded), len(ids))
+        log.info("restored %d of %d model(s)", len(self._models.values()), len(ids))
 
     def _load(self, model_id: str) -> ResidentModel:
         record = self.store.read_model(model_id)
@@ -148,7 +154,11 @@ class LocalModelHost(ModelHost):
     def release(self, model_id: str) -> None:
         self._models.release(model_id)
 
-    def create(self, model_id: str, new: NewModel) -> ModelInfo:
+    def create(
+        self, model_id: str, new: NewModel, *, field: str = "model_id", reserved: bool = False
+    ) -> ModelInfo:
+        if not reserved:
+            model_id = self.reserve(model_id, field)
         try:
             device = self.devices.choose(self.resident_bytes())
             keras_model = new.build(device)
@@ -205,7 +215,9 @@ class LocalModelHost(ModelHost):
     def unload(self, model_id: str) -> None:
         resident = self._resident(model_id)
         with resident.commit_lock, self._loading:
+            resident.check_not_busy()
             if self._models.remove(model_id, resident):
+                resident.unloaded = True
                 self._unloaded.add(model_id)
         log.info("unloaded model %s", model_id)
 
@@ -229,22 +241,26 @@ class LocalModelHost(ModelHost):
         field_prefix: str = "",
         job_id: str | None = None,
     ) -> RevisionRecord:
-        try:
-            resident = self._resident(model_id, f"{field_prefix}model_id")
-        except BaseException:
-            staged.discard()
-            raise
-        return commit_change(
-            resident,
-            staged,
-            prepare,
-            store=self.store,
-            reload=self._reload,
-            expected_revision=expected_revision,
-            field_prefix=field_prefix,
-            job_id=job_id,
-            retain_revisions=self.retain_revisions,
-        )
+        while True:
+            try:
+                resident = self._resident(model_id, f"{field_prefix}model_id")
+            except BaseException:
+                staged.discard()
+                raise
+            try:
+                return commit_change(
+                    resident,
+                    staged,
+                    prepare,
+                    store=self.store,
+                    reload=self._reload,
+                    expected_revision=expected_revision,
+                    field_prefix=field_prefix,
+                    job_id=job_id,
+                    retain_revisions=self.retain_revisions,
+                )
+            except ModelUnloaded:
+                continue  # unloaded while this waited for its lock: commit to the reloaded model
 
     def _reload(self, resident: ResidentModel, revision: int) -> None:
         """Rebuild a model's state from the store at `revision` (after a failed install)."""

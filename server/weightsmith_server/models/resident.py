@@ -53,8 +53,10 @@ class ResidentModel:
         self.state = state
         self.lock = ReadWriteLock()
         self.commit_lock = threading.Lock()
-        # Set under `commit_lock`: a deleted model accepts no more commits.
+        # Set under `commit_lock`: a deleted model accepts no more commits, and an
+        # unloaded one hands them to the model loaded in its place.
         self.deleted = False
+        self.unloaded = False
         # The in-place job training this model, which alone may commit meanwhile.
         self.job: str | None = None
 

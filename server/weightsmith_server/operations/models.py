@@ -19,8 +19,8 @@ from weightsmith_server.models.description import ModelInfo
 from weightsmith_server.models.export import ExportFormat, write_model
 from weightsmith_server.models.host import ModelHost
 from weightsmith_server.models.resident import ResidentModel
-from weightsmith_server.operations.blocking import Blocking
 from weightsmith_server.resources import check_upload_size, receive_file
+from weightsmith_server.workers import Blocking
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,16 @@ class ModelOperations:
         author: str,
     ) -> ModelInfo:
         """A new model at revision 1, from a catalog architecture or a Keras config JSON."""
+        return await self._blocking(self._create, model_id, source, seed, message, author)
+
+    def _create(
+        self,
+        model_id: str,
+        source: architecture.CatalogSpec | str,
+        seed: int | None,
+        message: str,
+        author: str,
+    ) -> ModelInfo:
         if isinstance(source, architecture.CatalogSpec):
             weights = (
                 creation.import_path(self._host.store, source.weights_file) if source.weights_file else None
@@ -93,10 +103,8 @@ class ModelOperations:
             )
         else:
             new = creation.from_config(source, seed=seed, message=message, author=author)
-        # Reserved and submitted in one step: the worker releases the id when it is done,
-        # even if the caller gives up first.
-        model_id = self._host.reserve(model_id, "model_id")
-        return await self._blocking(self._host.create, model_id, new)
+        # The id is reserved on this worker too: a call cancelled before it starts holds nothing.
+        return self._host.create(model_id, new)
 
     async def upload(
         self, model_id: str, size_bytes: int, chunks: AsyncIterator[bytes], *, message: str, author: str
@@ -105,16 +113,18 @@ class ModelOperations:
         check_upload_size(
             size_bytes, self._limits.max_upload_bytes, field="header.size_bytes", what="`.keras` file"
         )
-        model_id = self._host.reserve(model_id, "header.model_id")
+        model_id = await self._blocking(self._host.reserve, model_id, "header.model_id")
         path = self._host.store.tmp_dir / f"upload-{model_id}-{uuid.uuid4().hex}.keras"
         try:
             await receive_file(path, size_bytes, chunks, self._blocking.executor)
         except BaseException:
-            path.unlink(missing_ok=True)
+            self._blocking.executor.submit(path.unlink, missing_ok=True)
             self._host.release(model_id)
             raise
-        return await self._blocking(
-            self._host.create, model_id, creation.from_upload(path, message=message, author=author)
+        new = creation.from_upload(path, message=message, author=author)
+        # Released when the worker is done, or at once if the call is cancelled before it starts.
+        return await self._blocking.then(
+            lambda: self._host.release(model_id), self._host.create, model_id, new, reserved=True
         )
 
     async def get(self, model_id: str) -> ModelInfo:

@@ -12,11 +12,11 @@ from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditReport
 from weightsmith_server.edits.engine import apply_edits
 from weightsmith_server.models.host import ModelHost
-from weightsmith_server.operations.blocking import Blocking
 from weightsmith_server.revisions import diff, history, revert
 from weightsmith_server.revisions.record import RevisionRecord
 from weightsmith_server.selectors import Selector
 from weightsmith_server.weights import WeightWrite, read_weights
+from weightsmith_server.workers import Blocking
 
 
 class WeightOperations:

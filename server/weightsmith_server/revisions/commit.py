@@ -63,6 +63,10 @@ def replace_entries(current: Manifest, entries: Mapping[str, VariableRecord]) ->
     )
 
 
+class ModelUnloaded(Exception):
+    """The resident model was unloaded before the commit took its lock; the host retries."""
+
+
 def check_expected_revision(resident: ResidentModel, expected: int | None, field: str) -> None:
     """Raise `Aborted` when the model moved past the revision the caller expects."""
     if expected is not None and expected != resident.revision:
@@ -89,9 +93,12 @@ def commit_change(
 ) -> RevisionRecord:
     """Commit one new revision of a resident model, or nothing at all (see the module docstring)."""
     with resident.commit_lock:
+        if resident.unloaded:
+            raise ModelUnloaded(resident.model_id)
         number = resident.revision + 1
         try:
-            if resident.deleted:
+            # A staging folder gone with its model's folder: deleted (and maybe re-created) meanwhile.
+            if resident.deleted or not staged.dir.is_dir():
                 raise NotFound(
                     f"Model {resident.model_id!r} was deleted while the change was in progress.",
                     reason="MODEL_NOT_FOUND",

@@ -50,7 +50,11 @@ class RevisionRecord:
     job_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"kind": str(self.kind)}
+        """The `revision.json` form; `job_id` only when a job committed (older readers lack the key)."""
+        raw = asdict(self) | {"kind": str(self.kind)}
+        if not self.job_id:
+            del raw["job_id"]
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RevisionRecord:

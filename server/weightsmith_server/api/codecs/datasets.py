@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from weightsmith.v1 import dataset_pb2, model_service_pb2, tensor_pb2
+from weightsmith.v1 import dataset_pb2, model_service_pb2
 from weightsmith_server.api.codecs.common import EnumTable, timestamp
-from weightsmith_server.api.codecs.tensors import wire_dtype
+from weightsmith_server.api.codecs.tensors import tensor_spec
 from weightsmith_server.datasets import (
     DatasetFormat,
     DatasetInfo,
@@ -14,7 +14,6 @@ from weightsmith_server.datasets import (
 )
 from weightsmith_server.dtypes import numpy_dtype_for
 from weightsmith_server.errors import InvalidArgument
-from weightsmith_server.tensor_spec import TensorSpecInfo
 
 DATASET_FORMAT = EnumTable(
     dataset_pb2.DatasetFormat,
@@ -70,18 +69,14 @@ def dataset(info: DatasetInfo, used_by: list[str]) -> dataset_pb2.Dataset:
         format=DATASET_FORMAT.encode(info.format),
         example_count=info.example_count,
         validation_example_count=info.validation_example_count,
-        features=_tensor_spec(info.features),
-        labels=_tensor_spec(info.labels),
+        features=tensor_spec(info.features),
+        labels=tensor_spec(info.labels),
         class_count=info.class_count,
         class_names=info.class_names,
         size_bytes=info.size_bytes,
         create_time=timestamp(info.create_time),
         used_by_jobs=used_by,
     )
-
-
-def _tensor_spec(spec: TensorSpecInfo) -> tensor_pb2.TensorSpec:
-    return tensor_pb2.TensorSpec(name=spec.name, dtype=wire_dtype(spec.dtype), shape=spec.shape)
 
 
 def dataset_split(number: int, field: str) -> DatasetSplit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
 from weightsmith.v1 import job_pb2, selector_pb2
@@ -123,7 +124,18 @@ def _optimizer(message: job_pb2.Optimizer) -> OptimizerSpec:
     )
 
 
+# `Preprocessing.random_flip` was a string in field 3 before it became an enum.
+_OLD_RANDOM_FLIP_FIELD = 3
+
+
 def _preprocessing(message: job_pb2.Preprocessing) -> PreprocessingSpec:
+    if any(f.field_number == _OLD_RANDOM_FLIP_FIELD for f in unknown_fields.UnknownFieldSet(message)):
+        raise InvalidArgument(
+            "Received `random_flip` as a string (field 3), which this server no longer reads; send the "
+            "RandomFlip enum (field 6), e.g. RANDOM_FLIP_HORIZONTAL, with an updated client.",
+            reason="INVALID_ENUM_VALUE",
+            field="spec.preprocessing.random_flip",
+        )
     if message.resize and len(message.resize) != 2:
         raise InvalidArgument(
             f"Received resize={list(message.resize)}, expected [height, width].",

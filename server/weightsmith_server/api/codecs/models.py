@@ -6,7 +6,7 @@ import numpy as np
 
 from weightsmith.v1 import model_pb2, model_service_pb2, tensor_pb2
 from weightsmith_server.api.codecs.common import EnumTable, timestamp
-from weightsmith_server.api.codecs.tensors import decode_tensor, encode_tensor, wire_dtype
+from weightsmith_server.api.codecs.tensors import decode_tensor, encode_tensor, tensor_spec, wire_dtype
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.jobs.evaluation import Evaluation
 from weightsmith_server.models import architecture
@@ -14,7 +14,6 @@ from weightsmith_server.models.creation import ModelSource
 from weightsmith_server.models.description import ModelInfo
 from weightsmith_server.models.export import ExportFormat
 from weightsmith_server.operations.models import Prediction, ServerInfo
-from weightsmith_server.tensor_spec import TensorSpecInfo
 
 MODEL_SOURCES = EnumTable(
     model_pb2.ModelSource,
@@ -47,10 +46,6 @@ DEVICE_KINDS = EnumTable(
 )
 
 
-def _tensor_spec(spec: TensorSpecInfo) -> tensor_pb2.TensorSpec:
-    return tensor_pb2.TensorSpec(name=spec.name, dtype=wire_dtype(spec.dtype), shape=spec.shape)
-
-
 def model(info: ModelInfo) -> model_pb2.Model:
     return model_pb2.Model(
         model_id=info.model_id,
@@ -60,8 +55,8 @@ def model(info: ModelInfo) -> model_pb2.Model:
         device=info.device,
         parameter_count=info.parameter_count,
         weight_bytes=info.weight_bytes,
-        inputs=[_tensor_spec(s) for s in info.inputs],
-        outputs=[_tensor_spec(s) for s in info.outputs],
+        inputs=[tensor_spec(s) for s in info.inputs],
+        outputs=[tensor_spec(s) for s in info.outputs],
         layers=[
             model_pb2.Layer(
                 index=layer.index, name=layer.name, class_name=layer.class_name, trainable=layer.trainable
@@ -118,10 +113,8 @@ def _named(name: str, array: np.ndarray) -> tensor_pb2.NamedTensor:
 
 def prediction(result: Prediction) -> model_service_pb2.PredictResponse:
     return model_service_pb2.PredictResponse(
-        outputs=[tensor_pb2.NamedTensor(name=n, tensor=encode_tensor(a)) for n, a in result.outputs],
-        layer_outputs=[
-            tensor_pb2.NamedTensor(name=n, tensor=encode_tensor(a)) for n, a in result.layer_outputs
-        ],
+        outputs=[_named(n, a) for n, a in result.outputs],
+        layer_outputs=[_named(n, a) for n, a in result.layer_outputs],
         revision=result.revision,
     )
 

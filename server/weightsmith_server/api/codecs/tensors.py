@@ -16,11 +16,17 @@ from weightsmith import wire
 from weightsmith.v1 import tensor_pb2, weight_service_pb2
 from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.tensor_spec import TensorSpecInfo
 
 
 def wire_dtype(name: str) -> int:
     """The wire `DataType` of a stored or Keras dtype name (`float32`, ...)."""
     return wire.wire_dtype(numpy_dtype(name))
+
+
+def tensor_spec(spec: TensorSpecInfo) -> tensor_pb2.TensorSpec:
+    """A model input or output, or a dataset feature, as a TensorSpec."""
+    return tensor_pb2.TensorSpec(name=spec.name, dtype=wire_dtype(spec.dtype), shape=spec.shape)
 
 
 def decode_tensor(tensor: tensor_pb2.Tensor, *, field: str) -> np.ndarray:
