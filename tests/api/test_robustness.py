@@ -16,6 +16,7 @@ import weightsmith
 from tests.conftest import ServerHandle, _start_in_thread, _stop_in_thread, tiny_config
 from weightsmith import wire
 from weightsmith.v1 import weight_service_pb2
+from weightsmith_server.errors import NotFound
 from weightsmith_server.models.resident import ResidentModel
 from weightsmith_server.weights import WeightWrite
 
@@ -56,6 +57,20 @@ def test_commit_after_abort_is_refused(client, server: ServerHandle, model_id: s
     assert list((server.store / "models" / model_id / "revisions").iterdir()) == [
         server.store / "models" / model_id / "revisions" / "000001"
     ]
+
+
+def test_write_to_a_model_deleted_and_recreated_meanwhile_is_not_found(
+    client, server: ServerHandle, model_id: str
+) -> None:
+    client.create_model(model_id, keras_config=tiny_config(), seed=1)
+    write = _write_session(server, model_id, np.array([5.0, 6.0], np.float32))
+    client.delete_model(model_id)
+    client.create_model(model_id, keras_config=tiny_config(), seed=2)
+    with pytest.raises(NotFound) as caught:
+        write.commit()
+    assert caught.value.reason == "MODEL_NOT_FOUND"
+    assert client.get_model(model_id).revision == 1
+    assert sorted(p.name for p in (server.store / "models" / model_id / "revisions").iterdir()) == ["000001"]
 
 
 def test_failed_install_after_commit_reloads_from_disk(

@@ -56,6 +56,20 @@ def test_a_torn_tail_is_cut_so_no_sequence_is_reused(tmp_path: Path) -> None:
     assert lines[-1]["payload"]["message"] == "after the crash"
 
 
+def test_a_complete_line_this_server_cannot_read_is_refused_not_cut(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path)
+    log.write(_line(0))
+    log.close()
+    later_kind = b'{"sequence": 2, "time": "2026-11-29T00:00:00Z", "kind": "new_kind", "payload": {}}\n'
+    with open(path, "ab") as handle:
+        handle.write(later_kind)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="cannot read"):
+        EventLog(path)
+    assert path.read_bytes() == before  # the job becomes unrestorable; its log is left whole
+
+
 PAYLOADS: list[EventPayload] = [
     StateChanged(JobState.RUNNING, "resumed from the checkpoint of epoch 2"),
     StepProgress(
