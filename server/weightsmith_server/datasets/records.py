@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.enums import member
 from weightsmith_server.tensor_spec import TensorSpecInfo
 
 
@@ -20,14 +20,7 @@ class DatasetFormat(enum.StrEnum):
     @classmethod
     def parse(cls, value: str, *, field: str) -> DatasetFormat:
         """The format named `value`; UNSUPPORTED_FORMAT on `field` for any other."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidArgument(
-                f"Received format={value!r}, expected one of {[f.value for f in cls]}.",
-                reason="UNSUPPORTED_FORMAT",
-                field=field,
-            ) from None
+        return member(cls, value, field=field, reason="UNSUPPORTED_FORMAT")
 
 
 class DatasetSplit(enum.StrEnum):
@@ -39,14 +32,7 @@ class DatasetSplit(enum.StrEnum):
     @classmethod
     def parse(cls, value: str, *, field: str) -> DatasetSplit:
         """The split named `value`; INVALID_SPLIT on `field` for any other."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidArgument(
-                f"Received split={value!r}, expected 'train' or 'validation'.",
-                reason="INVALID_SPLIT",
-                field=field,
-            ) from None
+        return member(cls, value, field=field, reason="INVALID_SPLIT")
 
 
 @dataclass(frozen=True)

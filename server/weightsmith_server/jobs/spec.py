@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.enums import member
 from weightsmith_server.selectors import Selector
-
-E = TypeVar("E", bound=enum.StrEnum)
 
 
 class OptimizerKind(enum.StrEnum):
@@ -42,17 +40,6 @@ class RandomFlip(enum.StrEnum):
     HORIZONTAL = "horizontal"
     VERTICAL = "vertical"
     HORIZONTAL_AND_VERTICAL = "horizontal_and_vertical"
-
-
-def member(kind: type[E], value: str, *, field: str, reason: str) -> E:
-    """`value` as a member of `kind`; INVALID_ARGUMENT naming `field` when it is none."""
-    try:
-        return kind(value)
-    except ValueError:
-        accepted = ", ".join(repr(m.value) for m in kind)
-        raise InvalidArgument(
-            f"Received {field}={str(value)[:100]!r}, expected one of {accepted}.", reason=reason, field=field
-        ) from None
 
 
 @dataclass(frozen=True)

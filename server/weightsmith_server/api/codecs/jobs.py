@@ -12,9 +12,9 @@ from dataclasses import asdict
 from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
-from weightsmith.v1 import job_pb2, selector_pb2
+from weightsmith.v1 import job_pb2
 from weightsmith_server.api.codecs.common import EnumTable, timestamp
-from weightsmith_server.api.codecs.selectors import selector
+from weightsmith_server.api.codecs.selectors import selector, selector_message
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.jobs.events import (
     CheckpointSaved,
@@ -37,7 +37,6 @@ from weightsmith_server.jobs.spec import (
     ScheduleKind,
     TrainingSpec,
 )
-from weightsmith_server.selectors import Selector
 
 # An unspecified optimizer is Adam, the documented default.
 OPTIMIZER_KINDS = EnumTable(
@@ -218,30 +217,12 @@ def _learning_rate_message(rate: LearningRateSpec) -> job_pb2.LearningRate:
     return job_pb2.LearningRate()
 
 
-def _selector_message(value: Selector) -> selector_pb2.VariableSelector:
-    message = selector_pb2.VariableSelector(
-        paths=value.paths,
-        patterns=value.patterns,
-        layers=value.layers,
-        kinds=value.kinds,
-        trainable_only=value.trainable_only,
-    )
-    if value.layer_range is not None:
-        start, stop = value.layer_range
-        message.layer_range.SetInParent()  # present even when both ends are open
-        if start is not None:
-            message.layer_range.start = start
-        if stop is not None:
-            message.layer_range.stop = stop
-    return message
-
-
 def _trainable_message(spec: TrainingSpec) -> job_pb2.TrainableSelection:
     message = job_pb2.TrainableSelection()
     if spec.freeze is not None:
-        message.freeze.CopyFrom(_selector_message(spec.freeze))
+        message.freeze.CopyFrom(selector_message(spec.freeze))
     if spec.unfreeze is not None:
-        message.unfreeze.CopyFrom(_selector_message(spec.unfreeze))
+        message.unfreeze.CopyFrom(selector_message(spec.unfreeze))
     if spec.train_last_layers is not None:
         message.train_last_layers = spec.train_last_layers
     return message

@@ -1,4 +1,4 @@
-"""VariableSelector messages as domain selectors."""
+"""VariableSelector messages as domain selectors, and back."""
 
 from __future__ import annotations
 
@@ -21,3 +21,22 @@ def selector(message: selector_pb2.VariableSelector) -> Selector:
         kinds=tuple(message.kinds),
         trainable_only=message.trainable_only,
     )
+
+
+def selector_message(value: Selector) -> selector_pb2.VariableSelector:
+    """A domain selector as a VariableSelector (`selector`'s inverse)."""
+    message = selector_pb2.VariableSelector(
+        paths=value.paths,
+        patterns=value.patterns,
+        layers=value.layers,
+        kinds=value.kinds,
+        trainable_only=value.trainable_only,
+    )
+    if value.layer_range is not None:
+        start, stop = value.layer_range
+        message.layer_range.SetInParent()  # present even when both ends are open
+        if start is not None:
+            message.layer_range.start = start
+        if stop is not None:
+            message.layer_range.stop = stop
+    return message
