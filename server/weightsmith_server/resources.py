@@ -185,9 +185,20 @@ async def receive_file(
 ) -> None:
     """Write an upload stream to `path`, refusing more or fewer bytes than announced.
 
-    Opening, writing and closing run in `executor`: disk work never blocks
-    the event loop. The caller removes `path` when this raises.
+    Opening, writing, closing and, when the stream fails or is cancelled,
+    removing the partial file all run in `executor`: disk work never blocks
+    the event loop.
     """
+    try:
+        await _receive(path, size_bytes, chunks, executor, field)
+    except BaseException:
+        executor.submit(path.unlink, missing_ok=True)  # not awaited: the call may be cancelled
+        raise
+
+
+async def _receive(
+    path: Path, size_bytes: int, chunks: AsyncIterator[bytes], executor: Executor, field: str
+) -> None:
     loop = asyncio.get_running_loop()
     received = 0
     handle = await loop.run_in_executor(executor, open, path, "wb")

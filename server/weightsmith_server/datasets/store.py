@@ -154,7 +154,6 @@ class DatasetStore:
         try:
             await receive_file(path, size_bytes, chunks, self.executor, field="chunk")
         except BaseException:
-            path.unlink(missing_ok=True)
             self._table.release(dataset_id)
             raise
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from weightsmith_server.datasets import DatasetSplit, DatasetStore
 from weightsmith_server.errors import InvalidArgument
@@ -47,7 +46,9 @@ def evaluate(
 
     device = host.run(model_id, check)
     state = host.materialize(model_id, number, device)
-    with tf_device(device):
+    import tensorflow as tf  # here: TensorFlow loads slowly and the module is imported at start-up
+
+    with tf.device(device):
         model = state.keras_model
         model.compile(loss=loss, metrics=list(metrics))
         data, count = datasets.load(dataset_id, split)
@@ -57,13 +58,6 @@ def evaluate(
         results = model.evaluate(batches, verbose=0, return_dict=True)
     values = {k: float(v) for k, v in results.items()}
     return Evaluation(values.pop("loss"), values, count, number)
-
-
-def tf_device(device: str) -> Any:
-    """TensorFlow's device scope (imported on use: TensorFlow loads slowly)."""
-    import tensorflow as tf
-
-    return tf.device(device)
 
 
 def _evaluation_spec(

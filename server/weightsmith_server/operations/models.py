@@ -118,7 +118,6 @@ class ModelOperations:
         try:
             await receive_file(path, size_bytes, chunks, self._blocking.executor)
         except BaseException:
-            self._blocking.executor.submit(path.unlink, missing_ok=True)
             self._host.release(model_id)
             raise
         new = creation.from_upload(path, message=message, author=author)
