@@ -25,6 +25,7 @@ from weightsmith_server import logs, metrics
 from weightsmith_server.api import model_servicer, training_servicer, weight_servicer
 from weightsmith_server.api.handlers import service_handler
 from weightsmith_server.api.interceptors import ErrorInterceptor
+from weightsmith_server.api.status import MAX_ERROR_BYTES
 from weightsmith_server.config import Config, parse_config
 from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.devices import Devices
@@ -83,6 +84,25 @@ def _server_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+def server_limits(config: Config) -> ServerLimits:
+    """Every bound the server enforces, as GetServerInfo reports them."""
+    return ServerLimits(
+        max_message_bytes=config.max_message_bytes,
+        max_upload_bytes=config.max_upload_bytes,
+        chunk_bytes=config.chunk_bytes,
+        max_decompressed_bytes=config.max_decompressed_bytes,
+        max_member_bytes=config.max_member_bytes,
+        max_config_bytes=config.max_config_bytes,
+        max_image_pixels=config.max_image_pixels,
+        max_string_bytes=config.max_string_bytes,
+        stream_idle_seconds=config.stream_idle_seconds,
+        stream_deadline_seconds=config.stream_deadline_seconds,
+        max_write_streams=config.max_write_streams,
+        max_staging_bytes=config.max_staging_bytes,
+        max_error_bytes=MAX_ERROR_BYTES,
+    )
+
+
 def _service_handlers(
     models: ModelOperations, weights: WeightOperations, training: TrainingOperations, chunk_bytes: int
 ) -> tuple[grpc.GenericRpcHandler, ...]:
@@ -116,7 +136,7 @@ async def create_server(config: Config) -> RunningServer:
         max_upload_bytes=config.max_upload_bytes,
     )
     jobs = JobManager(store.root, host, datasets, runners=config.max_running_jobs)
-    limits = ServerLimits(config.max_message_bytes, config.max_upload_bytes, config.chunk_bytes)
+    limits = server_limits(config)
 
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.max_message_bytes)], options=_server_options(config)

@@ -33,6 +33,23 @@ class Config:
     metrics_address: str = ""
     log_format: str = "text"
     log_level: str = "INFO"
+    # Trust boundary (issue 8).
+    auth_tokens: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
+    # Bounds on what one input can make the server spend.
+    max_decompressed_mb: int = 8192
+    max_member_mb: int = 4096
+    max_config_mb: int = 16
+    max_image_pixels: int = 4_194_304
+    max_string_bytes: int = 4096
+    stream_idle_seconds: float = 60.0
+    stream_deadline_seconds: float = 3600.0
+    max_write_streams: int = 16
+    max_staging_mb: int = 4096
+    memory_budget_mb: int = 0
 
     @property
     def max_message_bytes(self) -> int:
@@ -41,6 +58,26 @@ class Config:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * MIB
+
+    @property
+    def max_decompressed_bytes(self) -> int:
+        return self.max_decompressed_mb * MIB
+
+    @property
+    def max_member_bytes(self) -> int:
+        return self.max_member_mb * MIB
+
+    @property
+    def max_config_bytes(self) -> int:
+        return self.max_config_mb * MIB
+
+    @property
+    def max_staging_bytes(self) -> int:
+        return self.max_staging_mb * MIB
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget_mb * MIB
 
     @property
     def chunk_bytes(self) -> int:
@@ -70,7 +107,29 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("metrics-address", str, "host:port of the Prometheus endpoint; empty disables it"),
     ("log-format", str, "`text` or `json`"),
     ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("auth-tokens", str, "JSON principals file (tokens as SHA-256, scopes, model patterns); empty: no auth"),
+    ("tls-cert", str, "PEM server certificate chain; with --tls-key the server speaks TLS only"),
+    ("tls-key", str, "PEM private key of --tls-cert"),
+    ("tls-client-ca", str, "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"),
+    ("insecure", bool, "allow a non-loopback address without authentication (warns at every start)"),
+    ("max-decompressed-mb", int, "total decompressed bytes of one archive or `.keras` file, in MiB"),
+    ("max-member-mb", int, "largest single member of an archive or `.keras` file, in MiB"),
+    ("max-config-mb", int, "largest Keras model config (JSON), in MiB"),
+    ("max-image-pixels", int, "largest decoded image or resize target, in pixels (height x width)"),
+    ("max-string-bytes", int, "largest string field of a request (ids, messages, names), in bytes"),
+    ("stream-idle-seconds", float, "a client stream silent this long is closed"),
+    ("stream-deadline-seconds", float, "longest a client stream (upload, write) may stay open"),
+    ("max-write-streams", int, "concurrent WriteWeights and upload streams"),
+    ("max-staging-mb", int, "memory held by in-flight writes and uploads together, in MiB"),
+    ("memory-budget-mb", int, "memory per device for resident models, in MiB (0: automatic)"),
 )
+
+
+def _truthy(value: object) -> bool:
+    """A boolean from a default or an environment string (`1`, `true`, `yes`, `on`)."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -85,6 +144,14 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         attribute = flag.replace("-", "_")
         env_name = f"WEIGHTSMITH_{attribute.upper()}"
         default = environ.get(env_name, getattr(defaults, attribute))
+        if kind is bool:
+            parser.add_argument(
+                f"--{flag}",
+                action=argparse.BooleanOptionalAction,
+                default=_truthy(default),
+                help=f"{help_text} (env {env_name}=1; default: %(default)s)",
+            )
+            continue
         parser.add_argument(
             f"--{flag}",
             type=kind,
@@ -101,6 +168,26 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         parser.error(f"--max-running-jobs must be at least 1, received {config.max_running_jobs}")
     if config.retain_revisions < 0:
         parser.error(f"--retain-revisions must be 0 or more, received {config.retain_revisions}")
+    for name in (
+        "max_decompressed_mb",
+        "max_member_mb",
+        "max_config_mb",
+        "max_image_pixels",
+        "max_string_bytes",
+        "max_write_streams",
+        "max_staging_mb",
+    ):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, received {getattr(config, name)}")
+    for name in ("stream_idle_seconds", "stream_deadline_seconds"):
+        if getattr(config, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, received {getattr(config, name)}")
+    if config.memory_budget_mb < 0:
+        parser.error(f"--memory-budget-mb must be 0 (automatic) or more, received {config.memory_budget_mb}")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if config.log_format not in ("text", "json"):
         parser.error(f"--log-format must be `text` or `json`, received {config.log_format!r}")
     return config

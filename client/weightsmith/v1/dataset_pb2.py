@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from weightsmith.v1 import tensor_pb2 as weightsmith_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cweightsmith/v1/dataset.proto\x12\x0eweightsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bweightsmith/v1/tensor.proto\"S\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.weightsmith.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"m\n\x0fTfRecordOptions\x12-\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1b.weightsmith.v1.FeatureSpec\x12+\n\x06labels\x18\x02 \x01(\x0b\x32\x1b.weightsmith.v1.FeatureSpec\":\n\x12ImageFolderOptions\x12\x12\n\nimage_size\x18\x01 \x03(\x03\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\"\xab\x01\n\rDatasetSource\x12-\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1d.weightsmith.v1.DatasetFormat\x12\x31\n\x08tfrecord\x18\x02 \x01(\x0b\x32\x1f.weightsmith.v1.TfRecordOptions\x12\x38\n\x0cimage_folder\x18\x03 \x01(\x0b\x32\".weightsmith.v1.ImageFolderOptions\"\xe4\x02\n\x07\x44\x61taset\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12-\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1d.weightsmith.v1.DatasetFormat\x12\x15\n\rexample_count\x18\x03 \x01(\x03\x12 \n\x18validation_example_count\x18\x04 \x01(\x03\x12,\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12*\n\x06labels\x18\x06 \x01(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12\x13\n\x0b\x63lass_count\x18\x07 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cused_by_jobs\x18\x0b \x03(\t*\x85\x01\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x41TASET_FORMAT_NPZ\x10\x01\x12\x1b\n\x17\x44\x41TASET_FORMAT_TFRECORD\x10\x02\x12\x1f\n\x1b\x44\x41TASET_FORMAT_IMAGE_FOLDER\x10\x03\x42}\n\x12\x64\x65v.weightsmith.v1B\x0c\x44\x61tasetProtoP\x01ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\xaa\x02\x0eWeightsmith.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cweightsmith/v1/dataset.proto\x12\x0eweightsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bweightsmith/v1/tensor.proto\"S\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.weightsmith.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"m\n\x0fTfRecordOptions\x12-\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1b.weightsmith.v1.FeatureSpec\x12+\n\x06labels\x18\x02 \x01(\x0b\x32\x1b.weightsmith.v1.FeatureSpec\":\n\x12ImageFolderOptions\x12\x12\n\nimage_size\x18\x01 \x03(\x03\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\"\xab\x01\n\rDatasetSource\x12-\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1d.weightsmith.v1.DatasetFormat\x12\x31\n\x08tfrecord\x18\x02 \x01(\x0b\x32\x1f.weightsmith.v1.TfRecordOptions\x12\x38\n\x0cimage_folder\x18\x03 \x01(\x0b\x32\".weightsmith.v1.ImageFolderOptions\"\xf3\x02\n\x07\x44\x61taset\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12-\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1d.weightsmith.v1.DatasetFormat\x12\x15\n\rexample_count\x18\x03 \x01(\x03\x12 \n\x18validation_example_count\x18\x04 \x01(\x03\x12,\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12*\n\x06labels\x18\x06 \x01(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12\x13\n\x0b\x63lass_count\x18\x07 \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cused_by_jobs\x18\x0b \x03(\t\x12\r\n\x05owner\x18\x0c \x01(\t*\x85\x01\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x41TASET_FORMAT_NPZ\x10\x01\x12\x1b\n\x17\x44\x41TASET_FORMAT_TFRECORD\x10\x02\x12\x1f\n\x1b\x44\x41TASET_FORMAT_IMAGE_FOLDER\x10\x03\x42}\n\x12\x64\x65v.weightsmith.v1B\x0c\x44\x61tasetProtoP\x01ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\xaa\x02\x0eWeightsmith.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightsmith.v1.dataset_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.weightsmith.v1B\014DatasetProtoP\001ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\252\002\016Weightsmith.V1'
-  _globals['_DATASETFORMAT']._serialized_start=900
-  _globals['_DATASETFORMAT']._serialized_end=1033
+  _globals['_DATASETFORMAT']._serialized_start=915
+  _globals['_DATASETFORMAT']._serialized_end=1048
   _globals['_FEATURESPEC']._serialized_start=110
   _globals['_FEATURESPEC']._serialized_end=193
   _globals['_TFRECORDOPTIONS']._serialized_start=195
@@ -45,5 +45,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETSOURCE']._serialized_start=367
   _globals['_DATASETSOURCE']._serialized_end=538
   _globals['_DATASET']._serialized_start=541
-  _globals['_DATASET']._serialized_end=897
+  _globals['_DATASET']._serialized_end=912
 # @@protoc_insertion_point(module_scope)

@@ -196,6 +196,7 @@ class Dataset(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     USED_BY_JOBS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """Output only. The dataset's id, matching `[a-z0-9][a-z0-9-]{0,62}`."""
     format: Global___DatasetFormat.ValueType
@@ -210,6 +211,10 @@ class Dataset(_message.Message):
     """
     size_bytes: _builtins.int
     """Output only. Bytes stored on the server."""
+    owner: _builtins.str
+    """Output only. The principal that created the dataset (empty without
+    authentication). Only it sees and uses the dataset.
+    """
     @_builtins.property
     def features(self) -> _tensor_pb2.TensorSpec:
         """Output only. Shape and dtype of one input example."""
@@ -244,10 +249,11 @@ class Dataset(_message.Message):
         size_bytes: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         used_by_jobs: _abc.Iterable[_builtins.str] | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "features", b"features", "labels", b"labels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_count", b"class_count", "class_names", b"class_names", "create_time", b"create_time", "dataset_id", b"dataset_id", "example_count", b"example_count", "features", b"features", "format", b"format", "labels", b"labels", "size_bytes", b"size_bytes", "used_by_jobs", b"used_by_jobs", "validation_example_count", b"validation_example_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_count", b"class_count", "class_names", b"class_names", "create_time", b"create_time", "dataset_id", b"dataset_id", "example_count", b"example_count", "features", b"features", "format", b"format", "labels", b"labels", "owner", b"owner", "size_bytes", b"size_bytes", "used_by_jobs", b"used_by_jobs", "validation_example_count", b"validation_example_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

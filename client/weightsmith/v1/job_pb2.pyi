@@ -591,6 +591,7 @@ class Job(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     BASE_REVISION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Output only. The job's id."""
     state: Global___JobState.ValueType
@@ -607,6 +608,10 @@ class Job(_message.Message):
     """Output only. The last event's sequence number."""
     base_revision: _builtins.int
     """Output only. The model revision the job started from."""
+    owner: _builtins.str
+    """Output only. The principal that created the job (empty without
+    authentication). Only it sees and controls the job.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """Output only. Its spec, as accepted."""
@@ -638,10 +643,11 @@ class Job(_message.Message):
         step: _builtins.int = ...,
         last_sequence: _builtins.int = ...,
         base_revision: _builtins.int = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "create_time", b"create_time", "end_time", b"end_time", "epoch", b"epoch", "error", b"error", "job_id", b"job_id", "last_sequence", b"last_sequence", "result_revision", b"result_revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "create_time", b"create_time", "end_time", b"end_time", "epoch", b"epoch", "error", b"error", "job_id", b"job_id", "last_sequence", b"last_sequence", "owner", b"owner", "result_revision", b"result_revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,6 +74,7 @@ class Model(_message.Message):
     VARIABLES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    RESIDENT_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Output only. The model's id: 1 to 63 characters matching
     `[a-z0-9][a-z0-9-]{0,62}`.
@@ -94,6 +95,11 @@ class Model(_message.Message):
     """Output only. Total number of elements over all variables."""
     weight_bytes: _builtins.int
     """Output only. Total bytes over all variables."""
+    resident: _builtins.bool
+    """Output only. Whether the model's variables are in device memory now. A
+    model unloaded under the memory budget stays listed and is reloaded,
+    bit-exactly, by its next use.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]:
         """Output only. The model's inputs, in positional order."""
@@ -134,10 +140,11 @@ class Model(_message.Message):
         variables: _abc.Iterable[Global___Variable] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        resident: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "create_time", b"create_time", "device", b"device", "inputs", b"inputs", "layers", b"layers", "model_id", b"model_id", "outputs", b"outputs", "parameter_count", b"parameter_count", "revision", b"revision", "source", b"source", "update_time", b"update_time", "variables", b"variables", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "create_time", b"create_time", "device", b"device", "inputs", b"inputs", "layers", b"layers", "model_id", b"model_id", "outputs", b"outputs", "parameter_count", b"parameter_count", "resident", b"resident", "revision", b"revision", "source", b"source", "update_time", b"update_time", "variables", b"variables", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -656,6 +656,8 @@ class Device(_message.Message):
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     MODEL_IDS_FIELD_NUMBER: _builtins.int
     MEMORY_GROWTH_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. TensorFlow's name, for example `/device:GPU:0`."""
     kind: Global___DeviceKind.ValueType
@@ -670,6 +672,13 @@ class Device(_message.Message):
     """Output only. Total memory of the device in bytes, 0 when unknown."""
     memory_growth: _builtins.bool
     """Output only. Whether GPU memory growth is on (GPUs only)."""
+    memory_budget_bytes: _builtins.int
+    """Output only. Bytes of resident models this device holds at most
+    (`--memory-budget-mb`); past it the least recently used idle models are
+    unloaded. 0 means no budget.
+    """
+    resident_bytes: _builtins.int
+    """Output only. Bytes of the resident models' variables on this device."""
     @_builtins.property
     def model_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output only. Ids of the models placed on this device."""
@@ -684,10 +693,12 @@ class Device(_message.Message):
         memory_total_bytes: _builtins.int = ...,
         model_ids: _abc.Iterable[_builtins.str] | None = ...,
         memory_growth: _builtins.bool = ...,
+        memory_budget_bytes: _builtins.int = ...,
+        resident_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "kind", b"kind", "memory_growth", b"memory_growth", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "model_ids", b"model_ids", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "kind", b"kind", "memory_budget_bytes", b"memory_budget_bytes", "memory_growth", b"memory_growth", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "model_ids", b"model_ids", "name", b"name", "resident_bytes", b"resident_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -702,26 +713,118 @@ class ServerLimits(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_DECOMPRESSED_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_MEMBER_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CONFIG_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
+    MAX_STRING_BYTES_FIELD_NUMBER: _builtins.int
+    STREAM_IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    STREAM_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_WRITE_STREAMS_FIELD_NUMBER: _builtins.int
+    MAX_STAGING_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_BYTES_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest message the server sends or receives, in bytes."""
     max_upload_bytes: _builtins.int
     """Largest `.keras` upload, in bytes."""
     chunk_size_bytes: _builtins.int
     """Size of the weight chunks the server sends, in bytes."""
+    max_decompressed_bytes: _builtins.int
+    """Total decompressed bytes accepted from one archive or `.keras` file."""
+    max_member_bytes: _builtins.int
+    """Largest single member of an archive or `.keras` file, decompressed."""
+    max_config_bytes: _builtins.int
+    """Largest Keras model config (JSON) accepted, in bytes."""
+    max_image_pixels: _builtins.int
+    """Largest decoded image, and largest resize target, in pixels."""
+    max_string_bytes: _builtins.int
+    """Largest string field of a request (ids, names, messages), in bytes.
+    Bulk fields (Keras config JSON) are bounded by `max_config_bytes`.
+    """
+    stream_idle_seconds: _builtins.float
+    """A client stream (upload, weight write) silent this long is closed with
+    DEADLINE_EXCEEDED.
+    """
+    stream_deadline_seconds: _builtins.float
+    """Longest a client stream may stay open."""
+    max_write_streams: _builtins.int
+    """Concurrent WriteWeights and upload streams; more are RESOURCE_EXHAUSTED."""
+    max_staging_bytes: _builtins.int
+    """Bytes held in memory by in-flight writes and uploads together."""
+    max_error_bytes: _builtins.int
+    """Largest error reply (message plus details), in bytes."""
     def __init__(
         self,
         *,
         max_message_bytes: _builtins.int = ...,
         max_upload_bytes: _builtins.int = ...,
         chunk_size_bytes: _builtins.int = ...,
+        max_decompressed_bytes: _builtins.int = ...,
+        max_member_bytes: _builtins.int = ...,
+        max_config_bytes: _builtins.int = ...,
+        max_image_pixels: _builtins.int = ...,
+        max_string_bytes: _builtins.int = ...,
+        stream_idle_seconds: _builtins.float = ...,
+        stream_deadline_seconds: _builtins.float = ...,
+        max_write_streams: _builtins.int = ...,
+        max_staging_bytes: _builtins.int = ...,
+        max_error_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size_bytes", b"chunk_size_bytes", "max_message_bytes", b"max_message_bytes", "max_upload_bytes", b"max_upload_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size_bytes", b"chunk_size_bytes", "max_config_bytes", b"max_config_bytes", "max_decompressed_bytes", b"max_decompressed_bytes", "max_error_bytes", b"max_error_bytes", "max_image_pixels", b"max_image_pixels", "max_member_bytes", b"max_member_bytes", "max_message_bytes", b"max_message_bytes", "max_staging_bytes", b"max_staging_bytes", "max_string_bytes", b"max_string_bytes", "max_upload_bytes", b"max_upload_bytes", "max_write_streams", b"max_write_streams", "stream_deadline_seconds", b"stream_deadline_seconds", "stream_idle_seconds", b"stream_idle_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerLimits: _TypeAlias = ServerLimits  # noqa: Y015
+
+@_typing.final
+class SecurityInfo(_message.Message):
+    """How the server authenticates callers, and who this caller is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHENTICATION_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    CLIENT_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    MODEL_PATTERNS_FIELD_NUMBER: _builtins.int
+    authentication: _builtins.bool
+    """Whether calls need a bearer token or client certificate."""
+    tls: _builtins.bool
+    """Whether the server speaks TLS."""
+    client_certificates: _builtins.bool
+    """Whether the server requires client certificates (mTLS)."""
+    principal: _builtins.str
+    """The caller's principal name; empty without authentication."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The caller's scopes (`read`, `edit`, `train`, `admin`); all four
+        without authentication.
+        """
+
+    @_builtins.property
+    def model_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The caller's model-id glob patterns; `*` without authentication."""
+
+    def __init__(
+        self,
+        *,
+        authentication: _builtins.bool = ...,
+        tls: _builtins.bool = ...,
+        client_certificates: _builtins.bool = ...,
+        principal: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        model_patterns: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authentication", b"authentication", "client_certificates", b"client_certificates", "model_patterns", b"model_patterns", "principal", b"principal", "scopes", b"scopes", "tls", b"tls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecurityInfo: _TypeAlias = SecurityInfo  # noqa: Y015
 
 @_typing.final
 class GetServerInfoResponse(_message.Message):
@@ -735,6 +838,7 @@ class GetServerInfoResponse(_message.Message):
     DEVICES_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     CATALOG_ARCHITECTURES_FIELD_NUMBER: _builtins.int
+    SECURITY_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The weightsmith server version."""
     tensorflow_version: _builtins.str
@@ -753,6 +857,10 @@ class GetServerInfoResponse(_message.Message):
     def catalog_architectures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names accepted as `CatalogArchitecture.name`."""
 
+    @_builtins.property
+    def security(self) -> Global___SecurityInfo:
+        """Authentication and the caller's identity."""
+
     def __init__(
         self,
         *,
@@ -762,10 +870,11 @@ class GetServerInfoResponse(_message.Message):
         devices: _abc.Iterable[Global___Device] | None = ...,
         limits: Global___ServerLimits | None = ...,
         catalog_architectures: _abc.Iterable[_builtins.str] | None = ...,
+        security: Global___SecurityInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "security", b"security"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog_architectures", b"catalog_architectures", "devices", b"devices", "keras_version", b"keras_version", "limits", b"limits", "tensorflow_version", b"tensorflow_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog_architectures", b"catalog_architectures", "devices", b"devices", "keras_version", b"keras_version", "limits", b"limits", "security", b"security", "tensorflow_version", b"tensorflow_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

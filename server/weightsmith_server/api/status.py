@@ -15,6 +15,9 @@ from weightsmith_server import errors
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "weightsmith.v1"
+# Every error reply (message plus details) fits in this many bytes: replies
+# never echo unbounded input, and stay far below any client's message limit.
+MAX_ERROR_BYTES = 16 * 1024
 # The reasons clients are told about: `weightsmith.v1.ErrorReason`.
 _CATALOG = frozenset(error_reason_pb2.ErrorReason.keys())
 

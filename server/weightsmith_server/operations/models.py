@@ -30,6 +30,16 @@ class ServerLimits:
     max_message_bytes: int
     max_upload_bytes: int
     chunk_bytes: int
+    max_decompressed_bytes: int = 0
+    max_member_bytes: int = 0
+    max_config_bytes: int = 0
+    max_image_pixels: int = 0
+    max_string_bytes: int = 0
+    stream_idle_seconds: float = 0.0
+    stream_deadline_seconds: float = 0.0
+    max_write_streams: int = 0
+    max_staging_bytes: int = 0
+    max_error_bytes: int = 0
 
 
 @dataclass(frozen=True)
