@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ADDRESS ?= 127.0.0.1:50051
 STORE ?= ./weightsmith-data
 
-.PHONY: venv serve test test-gpu lint protos bench demo clean
+.PHONY: venv serve test test-gpu stress lint protos bench demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: lint
 ## test-gpu: only the tests that need a visible GPU
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu -q
+
+## stress: the long fault and load runs (crash loop with 30+ SIGKILLs, fuzzing, stalled streams); not in CI
+stress: $(STAMP)
+	WEIGHTSMITH_STRESS=1 $(BIN)/python -m pytest -m stress -q
 
 ## lint: ruff, buf lint, buf breaking against HEAD~1, and the generated sync client up to date
 lint: $(STAMP)
