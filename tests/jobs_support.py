@@ -89,6 +89,7 @@ def full_training_spec(**overrides: object) -> TrainingSpec:
             "val_accuracy", patience=2, min_delta=0.01, restore_best_weights=True
         ),
         "checkpoint_every_epochs": 2,
+        "checkpoint_every_steps": 25,
         "progress_every_steps": 5,
         "seed": 7,
         "preprocessing": PreprocessingSpec(

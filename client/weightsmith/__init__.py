@@ -8,7 +8,8 @@ documented catalog of those reasons. `weightsmith.edits` builds the typed
 edits (scale, prune, quantize, interpolate, replace_head, ...) that
 `apply_edits` commits as one revision. `weightsmith.jobs` builds fine-tuning
 job specs for `create_job`; `progress_bar` renders `watch_job` with tqdm
-(installed separately).
+(installed separately). `TLS` names the certificates of a TLS or mutual-TLS
+channel; `token=` authenticates to a server started with `--auth-tokens`.
 
 Example:
 
@@ -36,6 +37,7 @@ with weightsmith.Client("127.0.0.1:50051") as client:
 
 from weightsmith import edits, jobs
 from weightsmith._async_client import AsyncClient
+from weightsmith._tls import TLS
 from weightsmith._types import PredictResult, Selector
 from weightsmith.client import Client
 from weightsmith.errors import (
@@ -62,7 +64,8 @@ from weightsmith.v1.error_reason_pb2 import ErrorReason
 
 __version__ = "0.1.0"
 
-__all__ = [
+# Plain sorted order (tests/client/test_packaging.py), which puts `TLS` after `Selector`.
+__all__ = [  # noqa: RUF022
     "AbortedError",
     "AlreadyExistsError",
     "AsyncClient",
@@ -80,6 +83,7 @@ __all__ = [
     "PredictResult",
     "ResourceExhaustedError",
     "Selector",
+    "TLS",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

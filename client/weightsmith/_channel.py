@@ -2,8 +2,9 @@
 
 Both clients take the same options; `ClientSettings` checks them once and
 derives what every call needs: the deadline of each kind of call, the
-`weightsmith-author` metadata, and the channel options (message size limits,
-the retry policy of read-only methods, keepalive).
+`weightsmith-author` and `authorization` metadata, the channel's credentials
+(plaintext, TLS or mutual TLS) and its options (message size limits, the
+retry policy of read-only methods, keepalive).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 
 from weightsmith import _checks
 from weightsmith._rpcs import RETRIED_METHODS, Rpc
+from weightsmith._tls import TLS, channel_security, token_metadata
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 60.0
@@ -90,6 +92,9 @@ class ClientSettings:
         max_message_bytes: int,
         credentials: grpc.ChannelCredentials | None,
         options: ChannelOptions,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
+        insecure: bool = False,
     ) -> None:
         if not isinstance(target, str) or not target:
             raise ValueError(
@@ -100,12 +105,15 @@ class ClientSettings:
         self.timeout = _checks.timeout("timeout", timeout)
         self.stream_timeout = _checks.timeout("stream_timeout", stream_timeout)
         self.author = default_author() if author is None else _check_author(author)
-        self.metadata: tuple[tuple[str, str], ...] = ((AUTHOR_METADATA_KEY, self.author),)
+        self.credentials, tls_options = channel_security(tls, credentials)
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (AUTHOR_METADATA_KEY, self.author),
+            *token_metadata(token, target=target, secure=self.credentials is not None, insecure=insecure),
+        )
         self.max_message_bytes = _checks.integer(
             "max_message_bytes", max_message_bytes, 4 * MESSAGE_OVERHEAD_BYTES + 1
         )
-        self.credentials = credentials
-        self.channel_options = self._channel_options(options)
+        self.channel_options = self._channel_options((*tls_options, *options))
 
     def _channel_options(self, options: ChannelOptions) -> list[tuple[str, Any]]:
         merged: dict[str, Any] = {

@@ -9,7 +9,7 @@ run `python scripts/unasync.py`; `make test` fails while the two differ.
 
 Every method is a short delegation: check the arguments and build the request
 (`_requests`, `_uploads`, `_streams`), make the call through `_send`, the one
-funnel that adds the deadline and the author metadata and raises every
+funnel that adds the deadline and the author and token metadata and raises every
 failure as a `WeightsmithError`, then decode the response.
 """
 
@@ -37,6 +37,7 @@ from weightsmith._datasets import DatasetSourceLike, FeatureSpecLike
 from weightsmith._requests import PredictInputs
 from weightsmith._rpcs import Rpc
 from weightsmith._streams import COPIER, ExportReceiver, WeightsReader, partial_path, write_weights_messages
+from weightsmith._tls import TLS
 from weightsmith._transport import SyncTransport
 from weightsmith._types import PredictResult, SelectorLike
 from weightsmith._uploads import Upload, dataset_upload, model_upload
@@ -84,10 +85,21 @@ class Client:
             default) for none.
         author: Recorded as the author of every revision this client
             commits (the `weightsmith-author` metadata); defaults to
-            `user@hostname`. Printable ASCII.
+            `user@hostname`. Printable ASCII. A server with authentication
+            records the caller's principal name instead.
         max_message_bytes: Largest message sent or received, in bytes.
-        credentials: TLS credentials (`grpc.ssl_channel_credentials()`);
-            None for a plaintext channel.
+        token: The bearer token of a server with authentication
+            (`--auth-tokens`), sent as `authorization: Bearer <token>` on
+            every call. Refused over plaintext to another machine unless
+            `insecure` is True.
+        tls: A `weightsmith.TLS` (the CA that signed the server's
+            certificate, and for mutual TLS the client's certificate and
+            key), or True for TLS trusting the system's root certificates;
+            None (the default) for a plaintext channel.
+        insecure: Allow `token` over a plaintext channel to another
+            machine, when the network protects it (a service mesh).
+        credentials: gRPC channel credentials, in place of `tls`, for
+            anything `tls` does not cover.
         options: Extra gRPC channel options as `(key, value)` pairs; they
             override the client's own.
 
@@ -113,6 +125,9 @@ class Client:
         stream_timeout: float | None = None,
         author: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
+        insecure: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
     ) -> None:
@@ -124,6 +139,9 @@ class Client:
             max_message_bytes=max_message_bytes,
             credentials=credentials,
             options=options,
+            token=token,
+            tls=tls,
+            insecure=insecure,
         )
         self._transport = SyncTransport(self._settings)
 
@@ -157,7 +175,7 @@ class Client:
     def _send(self, rpc: Rpc, request: Any, *, timeout: float | EllipsisType | None = ...) -> Any:
         """Make one call: the funnel every RPC of the client goes through.
 
-        It adds the author metadata and the deadline: `timeout` seconds
+        It adds the author and token metadata and the deadline: `timeout` seconds
         (None for none), or by default the client's `stream_timeout` for
         streaming calls and its `timeout` for the others. Failures raise
         `WeightsmithError`s. It returns the response (to await, on asyncio)

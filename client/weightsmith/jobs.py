@@ -428,6 +428,7 @@ def spec(
     early_stopping: job_pb2.EarlyStopping | None = None,
     checkpoint_every_epochs: int = 0,
     progress_every_steps: int = 0,
+    checkpoint_every_steps: int = 0,
     seed: int | None = None,
     preprocessing: job_pb2.Preprocessing | None = None,
     mixed_precision: bool = False,
@@ -463,6 +464,8 @@ def spec(
         early_stopping: Built with `jobs.early_stopping`.
         checkpoint_every_epochs: Checkpoint every N epochs; 0 for every epoch.
         progress_every_steps: A progress event every N steps; 0 for 10.
+        checkpoint_every_steps: Also checkpoint inside epochs every N steps;
+            0 for only when the last checkpoint is over 10 minutes old.
         seed: Seed of shuffling, augmentation and dropout.
         preprocessing: Built with `jobs.preprocessing`.
         mixed_precision: Train in mixed float16 precision (GPU only).
@@ -503,6 +506,9 @@ def spec(
             "checkpoint_every_epochs", checkpoint_every_epochs, 0, INT32_MAX
         ),
         progress_every_steps=_checks.integer("progress_every_steps", progress_every_steps, 0, INT32_MAX),
+        checkpoint_every_steps=_checks.integer(
+            "checkpoint_every_steps", checkpoint_every_steps, 0, INT32_MAX
+        ),
         mixed_precision=bool(mixed_precision),
     )
     trainable = _trainable_selection(freeze, unfreeze, train_last_layers)

@@ -241,23 +241,26 @@ def parse_chunk_field(message: bytes, field_number: int) -> tuple[ChunkView | No
     """Split a message holding a `TensorChunk` at `field_number`.
 
     Returns the chunk (or None when absent) and the message's other fields,
-    re-encoded, for the generated class to parse (they are a few bytes).
+    re-encoded, for the generated class to parse. Beside a chunk they are a
+    few bytes (at most MAX_HEADER_BYTES); a message without a chunk (a
+    stream's header) may be as large as the transport allows, and its own
+    fields are bounded by whoever reads them.
     """
     buf = memoryview(message)
     chunk: ChunkView | None = None
-    rest: list[bytes] = []
+    rest: list[bytes | memoryview] = []
     rest_bytes = 0
     for number, wire_type, value in _fields(buf):
-        if number != field_number and wire_type == _WIRE_LEN:
-            rest_bytes += len(value)  # type: ignore[arg-type]
-            if rest_bytes > MAX_HEADER_BYTES:
-                raise ValueError(f"more than {MAX_HEADER_BYTES} bytes of fields besides the chunk")
         if number == field_number and wire_type == _WIRE_LEN:
             chunk = _parse_chunk(value)  # type: ignore[arg-type]
         elif wire_type == _WIRE_VARINT:
             rest.append(_varint(number << 3 | wire_type) + _varint(value))  # type: ignore[arg-type]
         elif wire_type == _WIRE_LEN:
-            rest.append(_varint(number << 3 | wire_type) + _varint(len(value)) + bytes(value))  # type: ignore[arg-type]
+            rest_bytes += len(value)  # type: ignore[arg-type]
+            rest.append(_varint(number << 3 | wire_type) + _varint(len(value)))  # type: ignore[arg-type]
+            rest.append(value)  # type: ignore[arg-type]
+    if chunk is not None and rest_bytes > MAX_HEADER_BYTES:
+        raise ValueError(f"more than {MAX_HEADER_BYTES} bytes of fields besides the chunk")
     return chunk, b"".join(rest)
 
 

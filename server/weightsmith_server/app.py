@@ -23,17 +23,23 @@ from grpc_reflection.v1alpha import reflection
 
 from weightsmith_server import logs, metrics
 from weightsmith_server.api import model_servicer, training_servicer, weight_servicer
+from weightsmith_server.api.auth import Authenticator, AuthInterceptor
 from weightsmith_server.api.handlers import service_handler
 from weightsmith_server.api.interceptors import ErrorInterceptor
-from weightsmith_server.api.status import MAX_ERROR_BYTES
+from weightsmith_server.api.limits import RequestLimits
+from weightsmith_server.api.status import MAX_ERROR_BYTES, hide_folder
+from weightsmith_server.api.tls import bind
 from weightsmith_server.config import Config, parse_config
 from weightsmith_server.datasets import DatasetStore
 from weightsmith_server.devices import Devices
 from weightsmith_server.jobs.manager import JobManager
+from weightsmith_server.limits import InputLimits
 from weightsmith_server.models.local_host import LocalModelHost
-from weightsmith_server.operations.models import ModelOperations, ServerLimits
+from weightsmith_server.operations.models import ModelOperations, SecuritySettings, ServerLimits
 from weightsmith_server.operations.training import TrainingOperations
 from weightsmith_server.operations.weights import WeightOperations
+from weightsmith_server.principals import PrincipalTable, principals_for
+from weightsmith_server.staging import staging_memory
 from weightsmith_server.store import Store
 from weightsmith_server.workers import Blocking
 
@@ -54,6 +60,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
     jobs: JobManager
+    principals: PrincipalTable | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting calls, let in-flight ones finish within `grace`, release.
@@ -67,6 +74,8 @@ class RunningServer:
         await self.server.stop(grace)
         await stopping_jobs
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.principals is not None:
+            self.principals.close()
 
 
 def _server_options(config: Config) -> list[tuple[str, int]]:
@@ -103,6 +112,43 @@ def server_limits(config: Config) -> ServerLimits:
     )
 
 
+def input_limits(config: Config) -> InputLimits:
+    """The bounds on what one input (archive, `.keras` file, image, config, string) may spend."""
+    return InputLimits(
+        max_decompressed_bytes=config.max_decompressed_bytes,
+        max_member_bytes=config.max_member_bytes,
+        max_config_bytes=config.max_config_bytes,
+        max_image_pixels=config.max_image_pixels,
+        max_string_bytes=config.max_string_bytes,
+    )
+
+
+def _error_interceptor(config: Config) -> ErrorInterceptor:
+    """Statuses, message sizes, stream timeouts and the cap on concurrent write and upload streams."""
+    return ErrorInterceptor(
+        config.max_message_bytes,
+        stream_idle_seconds=config.stream_idle_seconds,
+        stream_deadline_seconds=config.stream_deadline_seconds,
+        max_write_streams=config.max_write_streams,
+        request_limits=RequestLimits.of(config.max_string_bytes, config.max_config_bytes),
+    )
+
+
+def _auth_interceptor(config: Config, principals: PrincipalTable | None) -> AuthInterceptor:
+    """Authentication and scopes for every rpc of the contract (all callers are anonymous without a file)."""
+    services = (model_servicer.SERVICE, weight_servicer.SERVICE, training_servicer.SERVICE)
+    authenticator = Authenticator(principals, client_certificates=bool(config.tls_client_ca))
+    return AuthInterceptor(authenticator, services)
+
+
+def _security(config: Config, principals: PrincipalTable | None) -> SecuritySettings:
+    return SecuritySettings(
+        authentication=principals is not None,
+        tls=bool(config.tls_cert),
+        client_certificates=bool(config.tls_client_ca),
+    )
+
+
 def _service_handlers(
     models: ModelOperations, weights: WeightOperations, training: TrainingOperations, chunk_bytes: int
 ) -> tuple[grpc.GenericRpcHandler, ...]:
@@ -124,27 +170,33 @@ async def create_server(config: Config) -> RunningServer:
 
     Health stays NOT_SERVING until every stored model is resident again.
     """
+    principals = principals_for(config)  # refuses an exposed address without auth
     store = Store(config.store)
+    hide_folder(store.root)
     devices = Devices(config.device)
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="weightsmith-work")
     blocking = Blocking(executor)
-    host = LocalModelHost(store, devices, config.retain_revisions)
+    host = LocalModelHost(store, devices, config.retain_revisions, config.memory_budget_bytes)
     datasets = DatasetStore(
         store.root,
         executor,
         allowed_roots=config.dataset_root_paths,
         max_upload_bytes=config.max_upload_bytes,
+        limits=input_limits(config),
     )
     jobs = JobManager(store.root, host, datasets, runners=config.max_running_jobs)
     limits = server_limits(config)
 
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(config.max_message_bytes)], options=_server_options(config)
+        interceptors=[_auth_interceptor(config, principals), _error_interceptor(config)],
+        options=_server_options(config),
     )
     server.add_generic_rpc_handlers(
         _service_handlers(
-            ModelOperations(host, datasets, blocking, limits),
-            WeightOperations(host, blocking),
+            ModelOperations(
+                host, datasets, blocking, limits, input_limits(config), security=_security(config, principals)
+            ),
+            WeightOperations(host, blocking, staging_memory(config.max_staging_bytes)),
             TrainingOperations(datasets, jobs),
             config.chunk_bytes,
         )
@@ -157,7 +209,7 @@ async def create_server(config: Config) -> RunningServer:
     )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(config.address)
+    port = bind(server, config)
     await server.start()
     await blocking(host.restore)
     await blocking(datasets.restore)
@@ -169,7 +221,9 @@ async def create_server(config: Config) -> RunningServer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     bound = config.address.rpartition(":")[0]
     log.info("weightsmith serving on %s:%d (store %s)", bound, port, store.root)
-    return RunningServer(server, port, host, health_servicer, executor, jobs)
+    if principals is not None:
+        principals.watch()
+    return RunningServer(server, port, host, health_servicer, executor, jobs, principals)
 
 
 async def serve(config: Config) -> None:
@@ -182,6 +236,8 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if running.principals is not None:  # SIGHUP reloads the principals file, off the event loop
+        loop.add_signal_handler(signal.SIGHUP, running.executor.submit, running.principals.reload)
     await stopping.wait()
     log.info("shutting down: finishing in-flight calls (up to %.0fs)", config.grace_seconds)
     await running.stop(config.grace_seconds)

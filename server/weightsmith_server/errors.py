@@ -10,7 +10,10 @@ statuses with `google.rpc` details. The hierarchy::
     ├── FailedPrecondition   the state forbids it right now
     ├── Aborted              `expected_revision` no longer matches
     ├── ResourceExhausted    a size or memory limit
-    └── Unavailable          not ready yet (start-up restore): retry
+    ├── Unavailable          not ready yet (start-up restore): retry
+    ├── Unauthenticated      no credentials, or ones no principal has
+    ├── PermissionDenied     the principal lacks the scope, or the model id is outside its patterns
+    └── DeadlineExceeded     a client stream went idle or outlived its deadline
 """
 
 from __future__ import annotations
@@ -70,3 +73,15 @@ class ResourceExhausted(WeightsmithError):
 
 class Unavailable(WeightsmithError):
     """The server cannot answer yet (it is restoring its models); retry shortly."""
+
+
+class Unauthenticated(WeightsmithError):
+    """The call carries no credentials, or credentials that match no principal."""
+
+
+class PermissionDenied(WeightsmithError):
+    """The caller is known but may not do this (a missing scope, a model id outside its patterns)."""
+
+
+class DeadlineExceeded(WeightsmithError):
+    """A client stream sent nothing for too long, or stayed open past its deadline."""

@@ -13,6 +13,11 @@ RPC_SECONDS = Histogram(
 )
 RESIDENT_MODELS = Gauge("weightsmith_resident_models", "Models held in memory.")
 RESIDENT_BYTES = Gauge("weightsmith_resident_weight_bytes", "Bytes of weights held in memory.")
+LRU_UNLOADS = Counter(
+    "weightsmith_model_unloads",
+    "Least-recently-used idle models unloaded to keep a device within its memory budget, by device.",
+    ["device"],
+)
 
 
 def serve(address: str) -> None:

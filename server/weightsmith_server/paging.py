@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import re
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -25,14 +28,26 @@ def page_size(value: int) -> int:
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+# A token is `ws1.` + base64url(the key and a checksum of it): a token this
+# server did not make (garbage, truncated, edited) is INVALID_ARGUMENT, never
+# an empty page.
+_TOKEN_PREFIX = "ws1."
+_CHECK_BYTES = 4
+
+
+def _checksum(value: bytes) -> bytes:
+    return hashlib.blake2b(value, digest_size=_CHECK_BYTES, person=b"ws-page").digest()
+
+
 def encode_page_token(value: str) -> str:
     """An opaque page token for the last item of a page."""
-    return base64.urlsafe_b64encode(value.encode()).decode()
+    raw = value.encode()
+    return _TOKEN_PREFIX + base64.urlsafe_b64encode(raw + _checksum(raw)).decode().rstrip("=")
 
 
 def _invalid_token(field: str) -> InvalidArgument:
     return InvalidArgument(
-        "Received an invalid page token; pass `next_page_token` from the previous page.",
+        "Received an invalid page token; pass `next_page_token` from the previous page unchanged.",
         reason="INVALID_PAGE_TOKEN",
         field=field,
     )
@@ -40,8 +55,15 @@ def _invalid_token(field: str) -> InvalidArgument:
 
 def decode_page_token(token: str, field: str = "page_token") -> str:
     """The item a page token stands for; INVALID_ARGUMENT for a token we did not make."""
+    body = token.removeprefix(_TOKEN_PREFIX)
+    if body == token or not re.fullmatch(r"[A-Za-z0-9_-]+", body):
+        raise _invalid_token(field)
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        value, check = raw[:-_CHECK_BYTES], raw[-_CHECK_BYTES:]
+        if len(raw) <= _CHECK_BYTES or not hmac.compare_digest(check, _checksum(value)):
+            raise _invalid_token(field)
+        return value.decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise _invalid_token(field) from exc
 

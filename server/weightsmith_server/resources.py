@@ -6,15 +6,21 @@ FAILED_PRECONDITION for one the store holds but could not restore), lists
 pages of them, and reserves ids while a creation is under way so two
 creations never race for one id. `receive_file` writes an upload stream
 to disk with the byte count checked, off the event loop.
+
+An abandoned creation holds nothing: an id reserved for a stream is
+released when the stream fails, times out or is cancelled, even while the
+reservation itself is still running on a worker (`claim`), and a partial
+upload file is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -156,11 +162,49 @@ class ResourceTable(Generic[T]):
 
         The caller hands the id to `run_reserved`, or releases it if the stream fails.
         """
-        return await asyncio.get_running_loop().run_in_executor(executor, self.reserve, resource_id, field)
+        return await claim(executor, lambda: self.reserve(resource_id, field), self.release)
 
-    async def run_reserved(self, executor: Executor, resource_id: str, function: Callable[[], R]) -> R:
-        """Run `function` in `executor` and release `resource_id` when the worker is done (`run_then`)."""
-        return await run_then(executor, lambda: self.release(resource_id), function)
+    async def run_reserved(
+        self, executor: Executor, resource_id: str, function: Callable[[], R], leftover: Path | None = None
+    ) -> R:
+        """Run `function` in `executor` and release `resource_id` when the worker is done (`run_then`).
+
+        `leftover`, a file `function` removes itself, is removed too if the call is cancelled before
+        `function` ever runs.
+        """
+
+        def done() -> None:
+            self.release(resource_id)
+            if leftover is not None:
+                remove_later(executor, leftover)
+
+        return await run_then(executor, done, function)
+
+
+async def claim(executor: Executor, reserve: Callable[[], str], release: Callable[[str], None]) -> str:
+    """Run `reserve` in `executor` and return the id it reserved.
+
+    If the caller is cancelled while `reserve` runs (a client that went
+    away), the id is released as soon as the worker has reserved it, so an
+    abandoned call never keeps an id.
+    """
+    future = executor.submit(reserve)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: _release_reserved(done, release))
+        raise
+
+
+def _release_reserved(done: Future[str], release: Callable[[str], None]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        release(done.result())
+
+
+def remove_later(executor: Executor, path: Path) -> None:
+    """Remove `path` on a worker, not awaited (the caller may be cancelled); a no-op at shutdown."""
+    with contextlib.suppress(RuntimeError):  # the executor shut down: start-up empties tmp/ anyway
+        executor.submit(path.unlink, missing_ok=True)
 
 
 def check_upload_size(size_bytes: int, limit: int, *, field: str, what: str, hint: str = "") -> None:
@@ -191,8 +235,14 @@ async def receive_file(
     """
     try:
         await _receive(path, size_bytes, chunks, executor, field)
+    except asyncio.CancelledError:
+        remove_later(executor, path)  # not awaited: the call is being cancelled
+        raise
     except BaseException:
-        executor.submit(path.unlink, missing_ok=True)  # not awaited: the call may be cancelled
+        # Awaited: once the call has failed, the partial file is gone.
+        await asyncio.get_running_loop().run_in_executor(
+            executor, functools.partial(path.unlink, missing_ok=True)
+        )
         raise
 
 

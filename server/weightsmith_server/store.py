@@ -3,7 +3,8 @@
 Layout under the store root::
 
     imports/                       weight files users drop in for CreateModel
-    tmp/                           staging; emptied at start-up
+    tmp/                           uploads, exports, staged models and datasets,
+                                   deleted folders; emptied of everything at start-up
     models/<model_id>/
         model.json                 identity: architecture name, source, time
         revisions/<NNNNNN>/        one folder per committed revision
@@ -21,6 +22,12 @@ is then renamed to its final name and the parent folder fsync'd. A crash at
 any point leaves either the old state or the new one, never a mix; staging
 leftovers are removed at start-up. The latest revision is the highest
 committed folder, so there is no separate pointer to keep in step.
+
+Crash hygiene: at start-up `tmp/` is emptied of everything in it (files,
+links and folders), and scratch entries under `models/`, `datasets/` and
+`jobs/` are removed: `.staging-*` folders (revisions, jobs, checkpoints)
+and `.<name>.json` files (a JSON file being replaced). A model folder
+without `model.json` was never committed and goes too.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from weightsmith_server.variables import VariableEntry
 
 _LAYOUT_VERSION = "1"
 _STAGING_PREFIX = ".staging-"
+# The folders of the store the server writes with scratch names (never `imports/`, the user's).
+_SCRATCH_TREES = ("models", "datasets", "jobs")
 
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:
@@ -298,6 +307,37 @@ class StagedRevision:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def is_scratch(name: str) -> bool:
+    """Whether a file or folder name is one the server only uses while writing something else."""
+    return name.startswith(_STAGING_PREFIX) or (name.startswith(".") and name.endswith(".json"))
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a folder with its contents."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_scratch(folder: Path) -> None:
+    """Remove every scratch entry (`is_scratch`) under `folder`.
+
+    Committed tensor folders are not descended into: only the server's own
+    staging names appear above them.
+    """
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if is_scratch(entry.name):
+                    remove_entry(path)
+                elif entry.is_dir(follow_symlinks=False) and entry.name != "tensors":
+                    pending.append(path)
+
+
 class Store:
     """The files of every model, revision and tensor under one root folder."""
 
@@ -316,17 +356,14 @@ class Store:
     def _remove_leftovers(self) -> None:
         """Drop what a crash left half-written: it was never acknowledged."""
         for entry in self.tmp_dir.iterdir():
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_entry(entry)
         for model_dir in self.models_dir.iterdir():
             if not (model_dir / "model.json").is_file():
                 # Never committed (or recreated by a write racing a delete).
-                shutil.rmtree(model_dir, ignore_errors=True)
-                continue
-            revisions = model_dir / "revisions"
-            if revisions.is_dir():
-                for entry in revisions.iterdir():
-                    if entry.name.startswith(_STAGING_PREFIX):
-                        shutil.rmtree(entry, ignore_errors=True)
+                remove_entry(model_dir)
+        for tree in _SCRATCH_TREES:
+            if (self.root / tree).is_dir():
+                remove_scratch(self.root / tree)
 
     # --- reading -------------------------------------------------------------
 
@@ -434,6 +471,10 @@ class Store:
         return dropped
 
     def resolve_import(self, relative: str) -> Path | None:
-        """A path under `imports/`, or None when it would escape that folder."""
-        candidate = (self.imports_dir / relative).resolve()
-        return candidate if candidate.is_relative_to(self.imports_dir) else None
+        """A file under `imports/`, or None when there is none or the path would escape that folder."""
+        try:
+            candidate = (self.imports_dir / relative).resolve()
+            found = candidate.is_relative_to(self.imports_dir) and candidate.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            return None
+        return candidate if found else None

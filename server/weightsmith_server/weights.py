@@ -12,6 +12,11 @@ under the model's commit lock, renames the staged revision into place and
 only then hands the buffers to the variables (no copy on the CPU). A stream
 that is cut off, or any invalid chunk, discards the staging folder: the model
 never changes.
+
+The staged buffers count against the server's staging budget
+(`--max-staging-mb`, a `staging.Budget`): each tensor's bytes are taken
+before its buffer is allocated (RESOURCE_EXHAUSTED `STAGING_MEMORY_EXHAUSTED`
+when they do not fit) and given back when the write commits or aborts.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from weightsmith_server.numerics import all_finite
 from weightsmith_server.revisions.commit import Change, check_expected_revision, replace_entries
 from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
 from weightsmith_server.selectors import Selector, select
+from weightsmith_server.staging import Budget
 from weightsmith_server.store import TensorFileWriter, VariableRecord
 from weightsmith_server.zerocopy import aligned_empty, snapshot
 
@@ -56,6 +62,7 @@ class WeightWrite:
         message: str,
         allow_non_finite: bool,
         author: str,
+        staging: Budget | None = None,
     ) -> None:
         self._host = host
         self._model_id = model_id
@@ -68,6 +75,7 @@ class WeightWrite:
         self._allow_non_finite = allow_non_finite
         self._author = author
         self._staged = host.stage(model_id, "header.model_id")
+        self._lease = staging.acquire(0) if staging is not None else None
         self._written: dict[str, VariableRecord] = {}
         self._values: dict[str, np.ndarray] = {}
         self._disk: list[Future[None]] = []
@@ -141,6 +149,8 @@ class WeightWrite:
                 reason="WRONG_SHAPE",
                 field=f"{field}.shape",
             )
+        if self._lease is not None:
+            self._lease.grow(known.nbytes, field=f"{field}.name")
         try:
             self._writer = self._staged.open_tensor(known.entry, expected, known.shape)
         except FileNotFoundError:  # the staging folder went with a deleted model
@@ -258,13 +268,17 @@ class WeightWrite:
         except BaseException:
             self._discard()
             raise
-        return self._host.commit(
-            self._model_id,
-            self._staged,
-            self._prepare,
-            expected_revision=self._expected,
-            field_prefix="header.",
-        )
+        try:
+            return self._host.commit(
+                self._model_id,
+                self._staged,
+                self._prepare,
+                expected_revision=self._expected,
+                field_prefix="header.",
+            )
+        finally:
+            # Committed, the buffers are the variables' storage; refused, they are garbage.
+            self._release_memory()
 
     def _prepare(self, resident: ResidentModel) -> Change:
         current = resident.state.manifest
@@ -302,6 +316,14 @@ class WeightWrite:
             self._writer.discard()
             self._writer = None
         self._staged.discard()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Drop the staged buffers and give their bytes back to the staging budget."""
+        self._values = {}
+        self._target = np.empty(0, np.uint8)
+        if self._lease is not None:
+            self._lease.release()
 
 
 def read_weights(
@@ -324,7 +346,9 @@ def read_weights(
                 return None
             return [(v.path, snapshot(state.variables[v.path])) for v in chosen]
 
-    arrays = host.run(model_id, from_memory)
+    # An older revision is read from the store: the model need not be loaded (or kept) for it.
+    current = number if revision == 0 else host.revision(model_id, 0)[0]
+    arrays = host.run(model_id, from_memory) if number == current else None
     if arrays is None:
         arrays = [(v.path, host.store.load_tensor(model_id, v)) for v in chosen]
     return number, arrays

@@ -210,6 +210,12 @@ BAD_SPECS = [
     ("unknown dataset", {"train_dataset_id": "no-such-data"}, "spec.train_dataset_id", "DATASET_NOT_FOUND"),
     ("negative epochs", {"epochs": -1}, "spec.epochs", "INVALID_EPOCHS"),
     ("batch size 0", {"batch_size": 0}, "spec.batch_size", "INVALID_BATCH_SIZE"),
+    (
+        "negative checkpoint steps",
+        {"checkpoint_every_steps": -1},
+        "spec.checkpoint_every_steps",
+        "INVALID_NUMBER",
+    ),
     ("unknown loss", {"loss": "nope"}, "spec.loss", "UNKNOWN_LOSS"),
     ("unknown metric", {"metrics": ["accuracy", "nope"]}, "spec.metrics[1]", "UNKNOWN_METRIC"),
     (

@@ -635,6 +635,140 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An assign edit's `begin` does not have one entry per dimension.
     Code: INVALID_ARGUMENT. Field: `edits[i].assign.begin`.
     """
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 200
+    """--- Issue 8, authentication and authorization (200 to 219). ---
+    The call carries no credentials: no `authorization: Bearer <token>`
+    metadata and no client certificate the server could match.
+    Code: UNAUTHENTICATED. Field: none.
+    """
+    TOKEN_UNKNOWN: _ErrorReason.ValueType  # 201
+    """The bearer token matches no principal of the server's principals file.
+    Code: UNAUTHENTICATED. Field: none.
+    """
+    CERTIFICATE_UNKNOWN: _ErrorReason.ValueType  # 202
+    """The client certificate's subject alternative names match no principal's
+    `cert_san`.
+    Code: UNAUTHENTICATED. Field: none.
+    """
+    AUTHORIZATION_MALFORMED: _ErrorReason.ValueType  # 203
+    """The `authorization` metadata is not of the form `Bearer <token>`.
+    Code: UNAUTHENTICATED. Field: none.
+    """
+    SCOPE_MISSING: _ErrorReason.ValueType  # 204
+    """The principal lacks the scope the RPC needs; the metadata names it.
+    Code: PERMISSION_DENIED. Field: none.
+    Metadata, for example: `{"scope": "edit", "method": "ApplyEdits"}`.
+    """
+    MODEL_OUTSIDE_PATTERNS: _ErrorReason.ValueType  # 205
+    """A model id to create (CreateModel, UploadModel, a job's output model) is
+    outside the principal's model patterns.
+    Code: PERMISSION_DENIED. Field: `model_id`, `header.model_id` or
+    `spec.output_model_id`.
+    """
+    AUTHOR_RESERVED: _ErrorReason.ValueType  # 206
+    """The `weightsmith-author` metadata starts with `job:`, which only the
+    server's own job commits use.
+    Code: INVALID_ARGUMENT. Field: `weightsmith-author`.
+    """
+    STRING_TOO_LONG: _ErrorReason.ValueType  # 220
+    """--- Issue 8, input bounds (220 to 259). ---
+    A string field of the request holds more than `--max-string-bytes` bytes
+    (UTF-8).
+    Code: INVALID_ARGUMENT. Field: the field's path, such as
+    `edits[3].selector.layers[0]` or `header.message`.
+    Metadata, for example: `{"size_bytes": "5000", "limit_bytes": "4096"}`.
+    """
+    TOO_MANY_ITEMS: _ErrorReason.ValueType  # 221
+    """A repeated field or map of the request holds more than 100000 items.
+    Code: RESOURCE_EXHAUSTED. Field: the field's path.
+    Metadata, for example: `{"count": "200000", "limit": "100000"}`.
+    """
+    CONFIG_TOO_LARGE: _ErrorReason.ValueType  # 222
+    """A model config (`keras_config_json`, a `.keras` file's config.json) is
+    larger than `--max-config-mb`.
+    Code: RESOURCE_EXHAUSTED. Field: `keras_config_json` or `chunk`.
+    Metadata, for example: `{"size_bytes": "629145600", "limit_bytes":
+    "16777216"}`.
+    """
+    CONFIG_TOO_DEEP: _ErrorReason.ValueType  # 223
+    """A model config nests lists and objects more than 100 levels deep.
+    Code: INVALID_ARGUMENT. Field: `keras_config_json` or `chunk`.
+    Metadata, for example: `{"limit": "100"}`.
+    """
+    MEMBER_TOO_LARGE: _ErrorReason.ValueType  # 224
+    """One member of an archive or `.keras` file declares or inflates to more
+    than `--max-member-mb` (an image file: more than its image could need at
+    `--max-image-pixels`).
+    Code: RESOURCE_EXHAUSTED. Field: `chunk` or `uri`.
+    Metadata, for example: `{"entry": "cat/a.png", "limit_bytes": "34603008"}`.
+    """
+    IMAGE_SIZE_TOO_LARGE: _ErrorReason.ValueType  # 225
+    """An image folder's `image_size` has more pixels (height x width) than
+    `--max-image-pixels`.
+    Code: RESOURCE_EXHAUSTED. Field: `header.source.image_folder.image_size`
+    or `source.image_folder.image_size`.
+    Metadata, for example: `{"pixels": "16777216", "limit_pixels": "4194304"}`.
+    """
+    INVALID_SEED: _ErrorReason.ValueType  # 226
+    """A seed is negative or larger than the operation can use.
+    Code: INVALID_ARGUMENT. Field: `seed` or `edits[i].<op>.seed`.
+    Metadata, for example: `{"maximum": "4294967295"}`.
+    """
+    MALFORMED_REQUEST: _ErrorReason.ValueType  # 227
+    """A request message is not valid protobuf for its RPC (for example nested
+    deeper than protobuf parses).
+    Code: INVALID_ARGUMENT. Field: `request` or `stream[i]`.
+    """
+    STREAM_IDLE: _ErrorReason.ValueType  # 260
+    """--- Issue 8, streams and staging (260 to 279). ---
+    A client stream (WriteWeights, UploadModel, UploadDataset) sent no message
+    for `--stream-idle-seconds`; whatever it had sent is discarded.
+    Code: DEADLINE_EXCEEDED. Field: `stream[i]`, the message that did not come.
+    Metadata, for example: `{"idle_seconds": "60"}`.
+    """
+    STREAM_DEADLINE: _ErrorReason.ValueType  # 261
+    """A client stream stayed open longer than `--stream-deadline-seconds`;
+    whatever it had sent is discarded.
+    Code: DEADLINE_EXCEEDED. Field: `stream[i]`, the message that did not come.
+    Metadata, for example: `{"deadline_seconds": "3600"}`.
+    """
+    TOO_MANY_STREAMS: _ErrorReason.ValueType  # 262
+    """The server already runs `--max-write-streams` write and upload streams;
+    retry later.
+    Code: RESOURCE_EXHAUSTED. Field: none.
+    Metadata, for example: `{"requested": "1", "held": "16", "limit": "16"}`.
+    """
+    STAGING_MEMORY_EXHAUSTED: _ErrorReason.ValueType  # 263
+    """The tensors in-flight WriteWeights streams hold in memory would exceed
+    `--max-staging-mb`; retry later or write fewer variables per call.
+    Code: RESOURCE_EXHAUSTED. Field: `chunks[i].name`.
+    Metadata, for example: `{"requested": "4194304", "held": "0", "limit":
+    "1048576"}`.
+    """
+    MEMORY_BUDGET_EXHAUSTED: _ErrorReason.ValueType  # 280
+    """--- Issue 8, memory budget (280 to 289). ---
+    The model's variables do not fit in its device's memory budget, and the
+    models that would have to be unloaded to make room are in use (a call in
+    progress, an in-place job). Nothing was created, loaded or committed.
+    Code: RESOURCE_EXHAUSTED. Field: none.
+    Metadata, for example: `{"device": "/device:GPU:0", "budget_bytes":
+    "1048576", "needed_bytes": "409600", "resident_bytes": "819200"}`.
+    """
+    MODEL_EXCEEDS_MEMORY_BUDGET: _ErrorReason.ValueType  # 281
+    """The model's variables alone are larger than the whole memory budget of
+    every device (`--memory-budget-mb`): it can never be resident.
+    Code: RESOURCE_EXHAUSTED. Field: none.
+    Metadata, for example: `{"device": "/device:CPU:0", "budget_bytes":
+    "1048576", "needed_bytes": "4194304"}`.
+    """
+    TOO_MANY_METRICS: _ErrorReason.ValueType  # 300
+    """--- Issue 8, jobs and exact resume (290 to 299). ---
+    --- Issue 8, found by fuzzing (300 to 319). ---
+    A job spec or an Evaluate request lists more metrics than the server
+    compiles (16).
+    Code: INVALID_ARGUMENT. Field: `spec.metrics` or `metrics`.
+    Metadata, for example: `{"count": "1000", "limit": "16"}`.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` the server sets in a `google.rpc.ErrorInfo` (domain
@@ -1263,5 +1397,139 @@ or `edits[i].assign.value.shape`.
 WRONG_SLICE: ErrorReason.ValueType  # 138
 """An assign edit's `begin` does not have one entry per dimension.
 Code: INVALID_ARGUMENT. Field: `edits[i].assign.begin`.
+"""
+UNAUTHENTICATED: ErrorReason.ValueType  # 200
+"""--- Issue 8, authentication and authorization (200 to 219). ---
+The call carries no credentials: no `authorization: Bearer <token>`
+metadata and no client certificate the server could match.
+Code: UNAUTHENTICATED. Field: none.
+"""
+TOKEN_UNKNOWN: ErrorReason.ValueType  # 201
+"""The bearer token matches no principal of the server's principals file.
+Code: UNAUTHENTICATED. Field: none.
+"""
+CERTIFICATE_UNKNOWN: ErrorReason.ValueType  # 202
+"""The client certificate's subject alternative names match no principal's
+`cert_san`.
+Code: UNAUTHENTICATED. Field: none.
+"""
+AUTHORIZATION_MALFORMED: ErrorReason.ValueType  # 203
+"""The `authorization` metadata is not of the form `Bearer <token>`.
+Code: UNAUTHENTICATED. Field: none.
+"""
+SCOPE_MISSING: ErrorReason.ValueType  # 204
+"""The principal lacks the scope the RPC needs; the metadata names it.
+Code: PERMISSION_DENIED. Field: none.
+Metadata, for example: `{"scope": "edit", "method": "ApplyEdits"}`.
+"""
+MODEL_OUTSIDE_PATTERNS: ErrorReason.ValueType  # 205
+"""A model id to create (CreateModel, UploadModel, a job's output model) is
+outside the principal's model patterns.
+Code: PERMISSION_DENIED. Field: `model_id`, `header.model_id` or
+`spec.output_model_id`.
+"""
+AUTHOR_RESERVED: ErrorReason.ValueType  # 206
+"""The `weightsmith-author` metadata starts with `job:`, which only the
+server's own job commits use.
+Code: INVALID_ARGUMENT. Field: `weightsmith-author`.
+"""
+STRING_TOO_LONG: ErrorReason.ValueType  # 220
+"""--- Issue 8, input bounds (220 to 259). ---
+A string field of the request holds more than `--max-string-bytes` bytes
+(UTF-8).
+Code: INVALID_ARGUMENT. Field: the field's path, such as
+`edits[3].selector.layers[0]` or `header.message`.
+Metadata, for example: `{"size_bytes": "5000", "limit_bytes": "4096"}`.
+"""
+TOO_MANY_ITEMS: ErrorReason.ValueType  # 221
+"""A repeated field or map of the request holds more than 100000 items.
+Code: RESOURCE_EXHAUSTED. Field: the field's path.
+Metadata, for example: `{"count": "200000", "limit": "100000"}`.
+"""
+CONFIG_TOO_LARGE: ErrorReason.ValueType  # 222
+"""A model config (`keras_config_json`, a `.keras` file's config.json) is
+larger than `--max-config-mb`.
+Code: RESOURCE_EXHAUSTED. Field: `keras_config_json` or `chunk`.
+Metadata, for example: `{"size_bytes": "629145600", "limit_bytes":
+"16777216"}`.
+"""
+CONFIG_TOO_DEEP: ErrorReason.ValueType  # 223
+"""A model config nests lists and objects more than 100 levels deep.
+Code: INVALID_ARGUMENT. Field: `keras_config_json` or `chunk`.
+Metadata, for example: `{"limit": "100"}`.
+"""
+MEMBER_TOO_LARGE: ErrorReason.ValueType  # 224
+"""One member of an archive or `.keras` file declares or inflates to more
+than `--max-member-mb` (an image file: more than its image could need at
+`--max-image-pixels`).
+Code: RESOURCE_EXHAUSTED. Field: `chunk` or `uri`.
+Metadata, for example: `{"entry": "cat/a.png", "limit_bytes": "34603008"}`.
+"""
+IMAGE_SIZE_TOO_LARGE: ErrorReason.ValueType  # 225
+"""An image folder's `image_size` has more pixels (height x width) than
+`--max-image-pixels`.
+Code: RESOURCE_EXHAUSTED. Field: `header.source.image_folder.image_size`
+or `source.image_folder.image_size`.
+Metadata, for example: `{"pixels": "16777216", "limit_pixels": "4194304"}`.
+"""
+INVALID_SEED: ErrorReason.ValueType  # 226
+"""A seed is negative or larger than the operation can use.
+Code: INVALID_ARGUMENT. Field: `seed` or `edits[i].<op>.seed`.
+Metadata, for example: `{"maximum": "4294967295"}`.
+"""
+MALFORMED_REQUEST: ErrorReason.ValueType  # 227
+"""A request message is not valid protobuf for its RPC (for example nested
+deeper than protobuf parses).
+Code: INVALID_ARGUMENT. Field: `request` or `stream[i]`.
+"""
+STREAM_IDLE: ErrorReason.ValueType  # 260
+"""--- Issue 8, streams and staging (260 to 279). ---
+A client stream (WriteWeights, UploadModel, UploadDataset) sent no message
+for `--stream-idle-seconds`; whatever it had sent is discarded.
+Code: DEADLINE_EXCEEDED. Field: `stream[i]`, the message that did not come.
+Metadata, for example: `{"idle_seconds": "60"}`.
+"""
+STREAM_DEADLINE: ErrorReason.ValueType  # 261
+"""A client stream stayed open longer than `--stream-deadline-seconds`;
+whatever it had sent is discarded.
+Code: DEADLINE_EXCEEDED. Field: `stream[i]`, the message that did not come.
+Metadata, for example: `{"deadline_seconds": "3600"}`.
+"""
+TOO_MANY_STREAMS: ErrorReason.ValueType  # 262
+"""The server already runs `--max-write-streams` write and upload streams;
+retry later.
+Code: RESOURCE_EXHAUSTED. Field: none.
+Metadata, for example: `{"requested": "1", "held": "16", "limit": "16"}`.
+"""
+STAGING_MEMORY_EXHAUSTED: ErrorReason.ValueType  # 263
+"""The tensors in-flight WriteWeights streams hold in memory would exceed
+`--max-staging-mb`; retry later or write fewer variables per call.
+Code: RESOURCE_EXHAUSTED. Field: `chunks[i].name`.
+Metadata, for example: `{"requested": "4194304", "held": "0", "limit":
+"1048576"}`.
+"""
+MEMORY_BUDGET_EXHAUSTED: ErrorReason.ValueType  # 280
+"""--- Issue 8, memory budget (280 to 289). ---
+The model's variables do not fit in its device's memory budget, and the
+models that would have to be unloaded to make room are in use (a call in
+progress, an in-place job). Nothing was created, loaded or committed.
+Code: RESOURCE_EXHAUSTED. Field: none.
+Metadata, for example: `{"device": "/device:GPU:0", "budget_bytes":
+"1048576", "needed_bytes": "409600", "resident_bytes": "819200"}`.
+"""
+MODEL_EXCEEDS_MEMORY_BUDGET: ErrorReason.ValueType  # 281
+"""The model's variables alone are larger than the whole memory budget of
+every device (`--memory-budget-mb`): it can never be resident.
+Code: RESOURCE_EXHAUSTED. Field: none.
+Metadata, for example: `{"device": "/device:CPU:0", "budget_bytes":
+"1048576", "needed_bytes": "4194304"}`.
+"""
+TOO_MANY_METRICS: ErrorReason.ValueType  # 300
+"""--- Issue 8, jobs and exact resume (290 to 299). ---
+--- Issue 8, found by fuzzing (300 to 319). ---
+A job spec or an Evaluate request lists more metrics than the server
+compiles (16).
+Code: INVALID_ARGUMENT. Field: `spec.metrics` or `metrics`.
+Metadata, for example: `{"count": "1000", "limit": "16"}`.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

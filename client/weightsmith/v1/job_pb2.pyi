@@ -483,6 +483,7 @@ class JobSpec(_message.Message):
     PREPROCESSING_FIELD_NUMBER: _builtins.int
     MIXED_PRECISION_FIELD_NUMBER: _builtins.int
     SHUFFLE_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Required. The model to train."""
     output_model_id: _builtins.str
@@ -516,6 +517,11 @@ class JobSpec(_message.Message):
     """Optional. Train in mixed float16 precision (GPU only)."""
     shuffle: _builtins.bool
     """Optional. Shuffle the training data every epoch (default true)."""
+    checkpoint_every_steps: _builtins.int
+    """Optional. Also checkpoint inside epochs, every N steps (counted over
+    all epochs); 0 means inside an epoch only when the last checkpoint is
+    over 10 minutes old. A restarted server resumes from the exact step.
+    """
     @_builtins.property
     def optimizer(self) -> Global___Optimizer:
         """Required. The optimizer and learning rate."""
@@ -557,10 +563,11 @@ class JobSpec(_message.Message):
         preprocessing: Global___Preprocessing | None = ...,
         mixed_precision: _builtins.bool = ...,
         shuffle: _builtins.bool | None = ...,
+        checkpoint_every_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_shuffle", b"_shuffle", "early_stopping", b"early_stopping", "optimizer", b"optimizer", "preprocessing", b"preprocessing", "seed", b"seed", "shuffle", b"shuffle", "trainable", b"trainable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_shuffle", b"_shuffle", "batch_size", b"batch_size", "checkpoint_every_epochs", b"checkpoint_every_epochs", "early_stopping", b"early_stopping", "epochs", b"epochs", "loss", b"loss", "metrics", b"metrics", "mixed_precision", b"mixed_precision", "model_id", b"model_id", "optimizer", b"optimizer", "output_model_id", b"output_model_id", "preprocessing", b"preprocessing", "progress_every_steps", b"progress_every_steps", "seed", b"seed", "shuffle", b"shuffle", "train_dataset_id", b"train_dataset_id", "trainable", b"trainable", "validation_dataset_id", b"validation_dataset_id", "validation_split", b"validation_split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_shuffle", b"_shuffle", "batch_size", b"batch_size", "checkpoint_every_epochs", b"checkpoint_every_epochs", "checkpoint_every_steps", b"checkpoint_every_steps", "early_stopping", b"early_stopping", "epochs", b"epochs", "loss", b"loss", "metrics", b"metrics", "mixed_precision", b"mixed_precision", "model_id", b"model_id", "optimizer", b"optimizer", "output_model_id", b"output_model_id", "preprocessing", b"preprocessing", "progress_every_steps", b"progress_every_steps", "seed", b"seed", "shuffle", b"shuffle", "train_dataset_id", b"train_dataset_id", "trainable", b"trainable", "validation_dataset_id", b"validation_dataset_id", "validation_split", b"validation_split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015

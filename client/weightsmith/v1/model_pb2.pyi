@@ -89,7 +89,8 @@ class Model(_message.Message):
     """Output only. How the model was created."""
     device: _builtins.str
     """Output only. The device the model's variables live on, for example
-    `/device:GPU:0` or `/device:CPU:0`.
+    `/device:GPU:0` or `/device:CPU:0`; empty while the model is not
+    resident (see `resident`).
     """
     parameter_count: _builtins.int
     """Output only. Total number of elements over all variables."""

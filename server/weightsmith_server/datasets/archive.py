@@ -2,7 +2,10 @@
 
 Every entry is listed and checked before any content is read: absolute
 paths, `..`, links and devices are refused (UNSAFE_ARCHIVE_ENTRY), and so
-are archives with too many entries or expanding past the server's limit.
+are archives with too many entries, members declaring more than the member
+limit, and archives declaring more than the expansion limit in all. Content
+is then read in pieces and counted as it inflates (a zip's header may lie),
+so no member ever takes more memory than its limit.
 """
 
 from __future__ import annotations
@@ -20,9 +23,14 @@ from typing import Any
 
 from weightsmith_server.datasets.reader import corrupt
 from weightsmith_server.errors import InvalidArgument, ResourceExhausted
+from weightsmith_server.limits import (
+    MAX_ARCHIVE_ENTRIES,
+    READ_BYTES,
+    archive_too_large,
+    check_member_size,
+    excerpt,
+)
 
-# Each archive entry costs memory while the archive is listed.
-MAX_ARCHIVE_ENTRIES = 200_000
 # What reading a damaged zip or (compressed) tar member can raise.
 ARCHIVE_ERRORS = (
     OSError,
@@ -54,11 +62,15 @@ class Archive:
         path: The archive (zip, or tar optionally gzip, bzip2 or xz compressed).
         data_field: The request field that carried it, for errors.
         max_expanded_bytes: The most its entries may hold in all.
+        max_member_bytes: The most one entry may hold.
     """
 
-    def __init__(self, path: Path, data_field: str, max_expanded_bytes: int) -> None:
+    def __init__(self, path: Path, data_field: str, max_expanded_bytes: int, max_member_bytes: int) -> None:
         self._field = data_field
         self._limit = max_expanded_bytes
+        self._member_limit = max_member_bytes
+        # Bytes read out of the archive so far: counted against `max_expanded_bytes` too.
+        self._read_bytes = 0
         self._archive: zipfile.ZipFile | tarfile.TarFile | None = None
         # Opens an entry's content: ZipFile.open or TarFile.extractfile.
         self._open: Callable[[Any], Any] = lambda handle: None
@@ -92,11 +104,11 @@ class Archive:
         problem = _unsafe_path(name) if kind in ("file", "folder") else kind
         if problem is not None:
             raise InvalidArgument(
-                f"The archive entry {name[:200]!r} is {problem}; expected only files and folders with "
-                f"relative paths inside the archive. Nothing was extracted.",
+                f"The archive entry {excerpt(name)!r} is {problem}; expected only files and folders "
+                f"with relative paths inside the archive. Nothing was extracted.",
                 reason="UNSAFE_ARCHIVE_ENTRY",
                 field=self._field,
-                metadata={"entry": name[:200]},
+                metadata={"entry": excerpt(name)},
             )
         if len(self.files) + len(self.folders) >= MAX_ARCHIVE_ENTRIES:
             raise ResourceExhausted(
@@ -108,18 +120,14 @@ class Archive:
         if not parts:
             return
         if kind == "file":
+            check_member_size(name, size, self._member_limit, field=self._field)
             self.files.append(Entry(name, parts, size, handle))
         else:
             self.folders.add(parts)
 
     def _check_expansion(self, total: int) -> None:
         if total > self._limit:
-            raise ResourceExhausted(
-                f"The archive expands to more than {self._limit} bytes, the server's limit (four times "
-                f"the upload limit); split the dataset or raise --max-upload-mb.",
-                reason="ARCHIVE_TOO_LARGE",
-                field=self._field,
-            )
+            raise archive_too_large(total, self._limit, self._field)
 
     def _list_zip(self, archive: zipfile.ZipFile) -> None:
         total = 0
@@ -152,13 +160,39 @@ class Archive:
             total += info.size + _TAR_HEADER_BYTES
             self._check_expansion(total)
 
-    def read(self, entry: Entry) -> bytes:
-        """The entry's bytes (CRC-checked for zip)."""
+    def read(
+        self, entry: Entry, limit: int | None = None, check: Callable[[bytes], None] | None = None
+    ) -> bytes:
+        """The entry's bytes (CRC-checked for zip), refused past `limit` (the member limit by default).
+
+        `check` sees the first piece read (up to 1 MiB) before the rest is:
+        a header can be refused before the body is inflated. Bytes read count
+        against the archive's expansion limit, whatever its headers said.
+        """
+        limit = self._member_limit if limit is None else min(limit, self._member_limit)
+        pieces: list[bytes] = []
+        held = 0
         try:
             with self._open(entry.handle) as member:
-                return member.read()
+                while piece := member.read(READ_BYTES):
+                    if check is not None and not pieces:
+                        check(piece)
+                    held += len(piece)
+                    if held > limit:
+                        raise ResourceExhausted(
+                            f"The archive member {excerpt(entry.name)!r} holds more than {limit} bytes, "
+                            f"the server's limit for it (--max-member-mb, --max-image-pixels).",
+                            reason="MEMBER_TOO_LARGE",
+                            field=self._field,
+                            metadata={"entry": excerpt(entry.name), "limit_bytes": str(limit)},
+                        )
+                    pieces.append(piece)
         except ARCHIVE_ERRORS as exc:
-            raise corrupt(f"archive entry {entry.name[:200]!r}", exc, self._field) from exc
+            raise corrupt(f"archive entry {excerpt(entry.name)!r}", exc, self._field) from exc
+        data = b"".join(pieces)
+        self._read_bytes += len(data)
+        self._check_expansion(self._read_bytes)
+        return data
 
     def close(self) -> None:
         if self._archive is not None:

@@ -6,7 +6,12 @@ top-level folder. Classes are the sorted class folder names (empty ones
 included), labels their indices. BMP, GIF, JPEG and PNG files count; other
 files, hidden files and `__MACOSX/` are ignored. Each image is decoded,
 resized (bilinear) to `image_size` and stored as `x` [N, H, W, C] (uint8) and
-`y` (int64) in an NPZ, so training reads arrays. The decoded arrays may take
+`y` (int64) in an NPZ, so training reads arrays.
+
+Bounds, all checked before anything they bound is allocated: `image_size`
+at most `max_image_pixels` (height x width); every image file at most
+`InputLimits.image_file_bytes()` and its header's pixels at most
+`max_image_pixels`; the decoded arrays (count x height x width x channels)
 at most the server's expansion limit.
 """
 
@@ -19,17 +24,33 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from weightsmith_server.datasets.archive import Archive, Entry
-from weightsmith_server.datasets.images import IMAGE_EXTENSIONS, decode_image
+from weightsmith_server.datasets.images import IMAGE_EXTENSIONS, check_image_header, decode_image
 from weightsmith_server.datasets.npz import load_arrays
 from weightsmith_server.datasets.reader import Contents, DatasetFormatReader, Received
 from weightsmith_server.datasets.records import DatasetFormat, DatasetSource, DatasetSplit, StoredDataset
 from weightsmith_server.errors import InvalidArgument, ResourceExhausted
+from weightsmith_server.limits import InputLimits, check_member_size, excerpt
 from weightsmith_server.tensor_spec import TensorSpecInfo
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 MAX_IMAGE_SIDE = 4096
+
+
+def check_image_size(size: tuple[int, ...] | None, limits: InputLimits, field: str) -> None:
+    """RESOURCE_EXHAUSTED (IMAGE_SIZE_TOO_LARGE) when the resize target has too many pixels."""
+    if size is None or len(size) != 2:
+        return
+    pixels = int(size[0]) * int(size[1])
+    if pixels > limits.max_image_pixels:
+        raise ResourceExhausted(
+            f"Received image_size={list(size)}: {pixels} pixels per image, more than the server's limit "
+            f"of {limits.max_image_pixels} (--max-image-pixels); use a smaller image_size.",
+            reason="IMAGE_SIZE_TOO_LARGE",
+            field=field,
+            metadata={"pixels": str(pixels), "limit_pixels": str(limits.max_image_pixels)},
+        )
 
 
 class ImageFolderReader(DatasetFormatReader):
@@ -65,8 +86,21 @@ class ImageFolderReader(DatasetFormatReader):
     def ingest(self, received: Received, source: DatasetSource, target: Path) -> Contents:
         height, width = source.image_size or (0, 0)
         channels = source.channels
-        with Archive(received.path, received.data_field, received.max_expanded_bytes) as archive:
+        check_image_size(
+            source.image_size, received.limits, f"{received.source_field}.image_folder.image_size"
+        )
+        with Archive(
+            received.path, received.data_field, received.max_expanded_bytes, received.limits.max_member_bytes
+        ) as archive:
             class_names, labelled = _class_layout(archive, received.data_field)
+            for entry, _ in labelled:  # declared sizes first: nothing read yet
+                check_member_size(
+                    entry.name,
+                    entry.size,
+                    received.limits.image_file_bytes(),
+                    field=received.data_field,
+                    flag="--max-image-pixels",
+                )
             decoded_bytes = len(labelled) * height * width * channels
             if decoded_bytes > received.max_expanded_bytes:
                 raise ResourceExhausted(
@@ -75,6 +109,10 @@ class ImageFolderReader(DatasetFormatReader):
                     f"image_size or fewer images.",
                     reason="DATASET_TOO_LARGE",
                     field=received.data_field,
+                    metadata={
+                        "size_bytes": str(decoded_bytes),
+                        "limit_bytes": str(received.max_expanded_bytes),
+                    },
                 )
             x = _decode_all(archive, [entry for entry, _ in labelled], (height, width), channels, received)
         np.savez(target, x=x, y=np.array([label for _, label in labelled], np.int64))
@@ -97,11 +135,17 @@ def _decode_all(
     """The images decoded into one uint8 array, in the order of `images`."""
     x = np.empty((len(images), *size, channels), np.uint8)
     position = {id(entry): i for i, entry in enumerate(images)}
+    limits = received.limits
     # In archive order: a compressed tar is then read once, front to back.
     for entry in archive.files:
         if id(entry) in position:
+
+            def header(head: bytes, name: str = entry.name) -> None:
+                check_image_header(head, name, limits.max_image_pixels, received.data_field)
+
+            data = archive.read(entry, limits.image_file_bytes(), check=header)
             x[position[id(entry)]] = decode_image(
-                archive.read(entry), entry.name, size, channels, received.data_field
+                data, entry.name, size, channels, received.data_field, limits.max_image_pixels
             )
     return x
 
@@ -130,7 +174,7 @@ def _class_layout(archive: Archive, data_field: str) -> tuple[list[str], list[tu
     for entry in images:
         if len(entry.parts) - strip < 2:
             raise InvalidArgument(
-                f"The image {entry.name[:200]!r} is not inside a class folder; expected "
+                f"The image {excerpt(entry.name)!r} is not inside a class folder; expected "
                 f"<class>/<image> entries (optionally under one top-level folder).",
                 reason="IMAGE_OUTSIDE_CLASS_FOLDER",
                 field=data_field,
@@ -140,7 +184,7 @@ def _class_layout(archive: Archive, data_field: str) -> tuple[list[str], list[tu
     for name in class_names:
         if not name.isprintable() or name != name.encode("utf-8", "replace").decode("utf-8"):
             raise InvalidArgument(
-                f"The class folder name {name[:200]!r} is not printable UTF-8; rename the folder.",
+                f"The class folder name {excerpt(name)!r} is not printable UTF-8; rename the folder.",
                 reason="INVALID_CLASS_NAME",
                 field=data_field,
             )

@@ -1,4 +1,12 @@
-"""Image files: header sniffing (to refuse huge images before decoding them) and decoding."""
+"""Image files: header sniffing (to refuse huge images before decoding them) and decoding.
+
+Decoding allocates height x width x channels bytes (all frames of a GIF)
+whatever the file size: a few-kilobyte PNG may claim 100000 x 100000
+pixels. So an image's size is read from its header first and refused past
+`max_image_pixels`, and an image without a recognised header is refused
+before TensorFlow sees it. A GIF is cut after its first frame, which is all
+`decode_image(expand_animations=False)` keeps anyway.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,11 @@ import numpy as np
 
 from weightsmith_server.datasets.reader import tf_message
 from weightsmith_server.errors import InvalidArgument, ResourceExhausted
+from weightsmith_server.limits import excerpt
 
 # The extensions that count as images (Keras's list).
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-# Decoding allocates height x width x 4 bytes whatever the file size; a
-# few-kilobyte PNG may claim 100000 x 100000 pixels.
-MAX_IMAGE_PIXELS = 1 << 26
+_GIF_TRAILER = b"\x3b"
 
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -50,29 +57,85 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, name: str, size: tuple[int, int], channels: int, data_field: str) -> np.ndarray:
+def check_image_header(data: bytes, name: str, max_pixels: int, data_field: str) -> None:
+    """IMAGE_TOO_LARGE when the header (the first bytes of the file suffice) claims too many pixels."""
+    dimensions = image_dimensions(data)
+    if dimensions is not None and dimensions[0] * dimensions[1] > max_pixels:
+        raise ResourceExhausted(
+            f"The image {excerpt(name)!r} claims {dimensions[0]}x{dimensions[1]} pixels, more than the "
+            f"server's limit of {max_pixels} pixels per image (--max-image-pixels).",
+            reason="IMAGE_TOO_LARGE",
+            field=data_field,
+            metadata={
+                "entry": excerpt(name),
+                "pixels": str(dimensions[0] * dimensions[1]),
+                "limit_pixels": str(max_pixels),
+            },
+        )
+
+
+def _skip_sub_blocks(data: bytes, position: int) -> int:
+    """The position after a GIF's data sub-blocks starting at `position` (len(data) if cut short)."""
+    while position < len(data):
+        size = data[position]
+        position += 1 + size
+        if size == 0:
+            return position
+    return len(data)
+
+
+def first_gif_frame(data: bytes) -> bytes:
+    """The GIF up to the end of its first image, then the trailer: one frame to decode, not all."""
+    if len(data) < 13:
+        return data
+    position = 13
+    if data[10] & 0x80:  # global color table
+        position += 3 * (2 ** ((data[10] & 0x07) + 1))
+    while position < len(data):
+        block = data[position]
+        if block == 0x21:  # extension: label, then sub-blocks
+            position = _skip_sub_blocks(data, position + 2)
+        elif block == 0x2C:  # image descriptor, local color table, LZW size, sub-blocks
+            if position + 10 > len(data):
+                return data
+            flags = data[position + 9]
+            position += 10
+            if flags & 0x80:
+                position += 3 * (2 ** ((flags & 0x07) + 1))
+            end = _skip_sub_blocks(data, position + 1)
+            return data[:end] + _GIF_TRAILER
+        else:
+            return data
+    return data
+
+
+def decode_image(
+    data: bytes, name: str, size: tuple[int, int], channels: int, data_field: str, max_pixels: int
+) -> np.ndarray:
     """One image as uint8 [height, width, channels], resized (bilinear) when it differs."""
     import tensorflow as tf
 
     dimensions = image_dimensions(data)
-    if dimensions is not None and dimensions[0] * dimensions[1] > MAX_IMAGE_PIXELS:
-        raise ResourceExhausted(
-            f"The image {name[:200]!r} claims {dimensions[0]}x{dimensions[1]} pixels, more than the "
-            f"server's limit of {MAX_IMAGE_PIXELS} pixels per image.",
-            reason="IMAGE_TOO_LARGE",
-            field=data_field,
-        )
+    if dimensions is None:
+        raise _corrupt(name, "its header is not that of a BMP, GIF, JPEG or PNG file", data_field)
+    check_image_header(data, name, max_pixels, data_field)
+    if data[:3] == b"GIF":
+        data = first_gif_frame(data)
     try:
         image = tf.io.decode_image(data, channels=channels, expand_animations=False)
     except tf.errors.OpError as exc:
-        raise InvalidArgument(
-            f"The image {name[:200]!r} cannot be decoded: {tf_message(exc)}. Expected a valid BMP, "
-            f"GIF, JPEG or PNG file.",
-            reason="CORRUPT_IMAGE",
-            field=data_field,
-            metadata={"entry": name[:200]},
-        ) from exc
+        raise _corrupt(name, tf_message(exc), data_field) from exc
     if tuple(image.shape[:2]) != size:
         resized = tf.image.resize(image, size, method="bilinear")
         image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
     return image.numpy()
+
+
+def _corrupt(name: str, detail: str, data_field: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"The image {excerpt(name)!r} cannot be decoded: {detail}. Expected a valid BMP, GIF, JPEG or "
+        f"PNG file.",
+        reason="CORRUPT_IMAGE",
+        field=data_field,
+        metadata={"entry": excerpt(name)},
+    )

@@ -19,6 +19,7 @@ import numpy as np
 
 from weightsmith_server.datasets.records import DatasetFormat, DatasetSource, DatasetSplit, StoredDataset
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import InputLimits, excerpt
 from weightsmith_server.tensor_spec import TensorSpecInfo
 
 if TYPE_CHECKING:
@@ -37,12 +38,14 @@ class Received:
         data_field: The field that carried it (`chunk` or `uri`).
         source_field: The field that described it (`header.source` or `source`).
         max_expanded_bytes: The most bytes its contents may expand to in memory.
+        limits: The server's other bounds on inputs (members, images).
     """
 
     path: Path
     data_field: str
     source_field: str
     max_expanded_bytes: int
+    limits: InputLimits = field(default_factory=InputLimits)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class DatasetFormatReader(abc.ABC):
 def corrupt(what: str, detail: object, data_field: str) -> InvalidArgument:
     """CORRUPT_DATASET: `what` cannot be read, because of `detail`."""
     return InvalidArgument(
-        f"The {what} cannot be read: {detail}.", reason="CORRUPT_DATASET", field=data_field
+        f"The {what} cannot be read: {excerpt(detail, 300)}.", reason="CORRUPT_DATASET", field=data_field
     )
 
 

@@ -82,6 +82,8 @@ class DatasetInfo:
     class_names: list[str]
     size_bytes: int
     create_time: str
+    # The principal that created it ("" without authentication); only it sees and uses the dataset.
+    owner: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """DatasetStore: the datasets under a store root, their creation, deletion and loading for jobs.
 
 Limits: an upload is at most `max_upload_bytes`; archives (NPZ included) may
-expand to at most four times that, and an image folder's decoded arrays too.
+expand to at most four times that and at most `limits.max_decompressed_bytes`,
+and an image folder's decoded arrays too; members and images have their own
+bounds (`InputLimits`).
 
 Layout under the store root::
 
@@ -36,10 +38,13 @@ from urllib.parse import unquote, urlparse
 
 from weightsmith_server.clock import utc_now
 from weightsmith_server.datasets.formats import get_format
+from weightsmith_server.datasets.image_folder import check_image_size
 from weightsmith_server.datasets.reader import Received
 from weightsmith_server.datasets.records import DatasetInfo, DatasetSource, DatasetSplit, StoredDataset
 from weightsmith_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from weightsmith_server.limits import InputLimits
 from weightsmith_server.naming import validate_id
+from weightsmith_server.paging import page_after
 from weightsmith_server.resources import ResourceTable, check_upload_size, receive_file
 from weightsmith_server.store import fsync_path, read_json, write_json
 
@@ -62,6 +67,7 @@ class DatasetStore:
         executor: Runs the blocking work (disk, TensorFlow) off the event loop.
         allowed_roots: Folders CreateDataset may read from, besides `root/imports`.
         max_upload_bytes: The largest UploadDataset file.
+        limits: The bounds on what a file may expand to (members, images, totals).
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class DatasetStore:
         *,
         allowed_roots: Sequence[Path],
         max_upload_bytes: int,
+        limits: InputLimits | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.datasets_dir = self.root / "datasets"
@@ -81,7 +88,8 @@ class DatasetStore:
         self.executor = executor
         self.allowed_roots = [Path(p).resolve() for p in allowed_roots]
         self.max_upload_bytes = max_upload_bytes
-        self.max_expanded_bytes = EXPANSION_FACTOR * max_upload_bytes
+        self.limits = limits or InputLimits()
+        self.max_expanded_bytes = min(EXPANSION_FACTOR * max_upload_bytes, self.limits.max_decompressed_bytes)
         self._table: ResourceTable[StoredDataset] = ResourceTable(
             "dataset", "ListDatasets", lambda dataset_id: (self.datasets_dir / dataset_id).exists()
         )
@@ -118,15 +126,24 @@ class DatasetStore:
         """The dataset's description, or NotFound (InvalidArgument for a malformed id)."""
         return self._table.get(dataset_id, field).info
 
-    def list(self, page_size: int, page_token: str) -> tuple[list[DatasetInfo], str]:
-        """One page of datasets ordered by id, and the token of the next page ("" at the end)."""
-        page, token = self._table.page(page_size, page_token)
-        return [stored.info for stored in page], token
+    def list(
+        self, page_size: int, page_token: str, where: Callable[[DatasetInfo], bool] | None = None
+    ) -> tuple[list[DatasetInfo], str]:
+        """One page of datasets ordered by id (those `where` accepts), and the next page's token."""
+        infos = [stored.info for stored in self._table.values()]
+        if where is not None:  # before paging: pages stay full and tokens valid
+            infos = [info for info in infos if where(info)]
+        return page_after(infos, lambda info: info.dataset_id, page_size, page_token)
 
     # --- creation ------------------------------------------------------------
 
     async def upload(
-        self, dataset_id: str, source: DatasetSource, size_bytes: int, chunks: AsyncIterator[bytes]
+        self,
+        dataset_id: str,
+        source: DatasetSource,
+        size_bytes: int,
+        chunks: AsyncIterator[bytes],
+        owner: str = "",
     ) -> DatasetInfo:
         """Receive a dataset file of exactly `size_bytes`, validate it and commit it.
 
@@ -135,6 +152,7 @@ class DatasetStore:
             source: The format and its options.
             size_bytes: The exact size announced in the header.
             chunks: The file's bytes, in order.
+            owner: The principal creating it ("" without authentication).
 
         Returns:
             The committed dataset's description.
@@ -142,6 +160,7 @@ class DatasetStore:
         if dataset_id:
             validate_id(dataset_id, field="header.dataset_id", kind="dataset")
         source = _check_source(source, "header.source")
+        check_image_size(source.image_size, self.limits, "header.source.image_folder.image_size")
         check_upload_size(
             size_bytes,
             self.max_upload_bytes,
@@ -159,13 +178,13 @@ class DatasetStore:
 
         def ingest() -> DatasetInfo:
             try:
-                return self._ingest(dataset_id, source, path, "chunk", "header.source")
+                return self._ingest(dataset_id, source, path, "chunk", "header.source", owner)
             finally:
                 path.unlink(missing_ok=True)
 
-        return await self._table.run_reserved(self.executor, dataset_id, ingest)
+        return await self._table.run_reserved(self.executor, dataset_id, ingest, leftover=path)
 
-    async def create(self, dataset_id: str, source: DatasetSource, uri: str) -> DatasetInfo:
+    async def create(self, dataset_id: str, source: DatasetSource, uri: str, owner: str = "") -> DatasetInfo:
         """Copy a file the server can read into the store, validate it and commit it.
 
         Args:
@@ -173,6 +192,7 @@ class DatasetStore:
             source: The format and its options.
             uri: A path or `file://` URI under one of `allowed_roots` or the
                 store's `imports/` folder (relative paths resolve there).
+            owner: The principal creating it ("" without authentication).
 
         Returns:
             The committed dataset's description.
@@ -180,6 +200,7 @@ class DatasetStore:
         if dataset_id:
             validate_id(dataset_id, field="dataset_id", kind="dataset")
         source = _check_source(source, "source")
+        check_image_size(source.image_size, self.limits, "source.image_folder.image_size")
         roots = [*self.allowed_roots, self.imports_dir]
 
         def copy_and_ingest() -> DatasetInfo:
@@ -195,7 +216,7 @@ class DatasetStore:
                         raise _file_not_found(uri) from exc
                     except OSError as exc:
                         raise _unreadable(uri, exc) from exc
-                    return self._ingest(reserved, source, copy, "uri", "source")
+                    return self._ingest(reserved, source, copy, "uri", "source", owner)
                 finally:
                     copy.unlink(missing_ok=True)
 
@@ -203,14 +224,20 @@ class DatasetStore:
         return await asyncio.get_running_loop().run_in_executor(self.executor, copy_and_ingest)
 
     def _ingest(
-        self, dataset_id: str, source: DatasetSource, data: Path, data_field: str, source_field: str
+        self,
+        dataset_id: str,
+        source: DatasetSource,
+        data: Path,
+        data_field: str,
+        source_field: str,
+        owner: str = "",
     ) -> DatasetInfo:
         """Validate (and convert) a received file, then commit it durably as `dataset_id`.
 
         `data_field` names the request field that carried the file (`chunk`
         or `uri`), `source_field` the one that described it, for errors.
         """
-        received = Received(data, data_field, source_field, self.max_expanded_bytes)
+        received = Received(data, data_field, source_field, self.max_expanded_bytes, self.limits)
         reader = get_format(source.format)
         staging = self.tmp_dir / f"{_TMP_PREFIX}staging-{uuid.uuid4().hex}"
         staging.mkdir()
@@ -236,6 +263,7 @@ class DatasetStore:
                 class_names=contents.class_names,
                 size_bytes=stored_file.stat().st_size,
                 create_time=utc_now(),
+                owner=owner,
             )
             stored = StoredDataset(info, source)
             write_json(staging / "dataset.json", stored.to_json())

@@ -11,6 +11,7 @@ from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.edits.base import EditOp, require_finite
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import check_seed
 from weightsmith_server.selectors import Selector
 
 
@@ -128,6 +129,8 @@ class AddNoise(EditOp):
                 reason="INVALID_STDDEV",
                 field="stddev",
             )
+        stddev = abs(stddev)  # -0.0 passes the check above, but numpy refuses it ("scale < 0")
+        check_seed(self.seed, field="seed")
         seed = self.seed if self.seed is not None else secrets.randbits(63)
         report = EditReport(self.name, seed=seed)
         rng = np.random.default_rng(seed)

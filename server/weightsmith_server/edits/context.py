@@ -18,6 +18,7 @@ import numpy as np
 
 from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import excerpt
 from weightsmith_server.models import architecture
 from weightsmith_server.numerics import all_finite
 from weightsmith_server.selectors import Selector, select
@@ -161,7 +162,9 @@ class EditContext:
             model = architecture.rebuild(config_json, device=self.resident.device, seed=seed)
         except Exception as exc:  # Keras raises many types for a graph it cannot build
             raise InvalidArgument(
-                f"Keras could not build the edited model: {exc}", reason="INVALID_ARCHITECTURE", field=field
+                f"Keras could not build the edited model: {excerpt(exc, 1000)}",
+                reason="INVALID_ARCHITECTURE",
+                field=field,
             ) from exc
         try:
             found = model_variables(model)

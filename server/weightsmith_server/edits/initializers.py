@@ -12,6 +12,7 @@ from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import MAX_SEED, check_seed
 from weightsmith_server.selectors import Selector
 
 
@@ -25,7 +26,7 @@ def make_initializer(name: str, config: dict[str, Any], seed: int) -> Any:
     check_builtin_config(serialized, field="config")
     try:
         initializer = keras.initializers.get(serialized)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:  # KeyError: `from_config` misses an argument
         message = str(exc)
         unknown_name = "Could not interpret" in message or "Unknown" in message
         raise InvalidArgument(
@@ -59,6 +60,8 @@ class Reinitialize(EditOp):
     def apply(self, ctx: EditContext) -> EditReport:
         import tensorflow as tf
 
+        # Variable `i` draws with `seed + i`: room left below the int64 maximum.
+        check_seed(self.seed, field="seed", maximum=MAX_SEED // 2)
         seed = self.seed if self.seed is not None else secrets.randbits(31)
         make_initializer(self.initializer, self.config, seed)  # fail fast on a bad name or config
         report = EditReport(self.name, seed=seed)

@@ -17,6 +17,7 @@ import numpy as np
 from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import MAX_GLOBAL_SEED, check_seed, excerpt
 from weightsmith_server.models import architecture
 from weightsmith_server.selectors import Selector
 
@@ -70,6 +71,7 @@ class ReplaceHead(EditOp):
     def apply(self, ctx: EditContext) -> EditReport:
         import keras
 
+        check_seed(self.seed, field="seed", maximum=MAX_GLOBAL_SEED)
         if not self.layers:
             raise InvalidArgument(
                 "Received no layers to append; give at least one, for example a Dense layer.",
@@ -82,7 +84,8 @@ class ReplaceHead(EditOp):
             tensor = graft.get_layer(self.cut_at_layer).output
         except (ValueError, AttributeError) as exc:
             raise InvalidArgument(
-                f"Cannot cut at layer {self.cut_at_layer[:100]!r}: {exc}. GetModel lists the layers.",
+                f"Cannot cut at layer {self.cut_at_layer[:100]!r}: {excerpt(exc, 300)}. GetModel lists "
+                "the layers.",
                 reason="UNKNOWN_LAYER",
                 field="cut_at_layer",
             ) from exc
@@ -101,7 +104,8 @@ class ReplaceHead(EditOp):
                 tensor = keras.layers.deserialize(serialized)(tensor)
             except Exception as exc:  # bad arguments, or a layer that does not fit here
                 raise InvalidArgument(
-                    f"Cannot append {spec.class_name} with {config}: {str(exc)[:300]}",
+                    f"Cannot append {excerpt(spec.class_name, 100)} with {excerpt(config, 300)}: "
+                    f"{excerpt(exc, 300)}",
                     reason="INVALID_LAYER",
                     field=where,
                 ) from exc

@@ -52,9 +52,7 @@ def evaluate(
         model = state.keras_model
         model.compile(loss=loss, metrics=list(metrics))
         data, count = datasets.load(dataset_id, split)
-        batches = pipeline(
-            data, spec, training=False, input_dtype=str(model.inputs[0].dtype), seed=None, count=count
-        )
+        batches = pipeline(data, spec, input_dtype=str(model.inputs[0].dtype), count=count)
         results = model.evaluate(batches, verbose=0, return_dict=True)
     values = {k: float(v) for k, v in results.items()}
     return Evaluation(values.pop("loss"), values, count, number)

@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +35,15 @@ import numpy as np
 
 from weightsmith_server.clock import utc_now
 from weightsmith_server.datasets import DatasetStore
-from weightsmith_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from weightsmith_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from weightsmith_server.jobs import training
-from weightsmith_server.jobs.checkpoints import checkpoint_epoch
+from weightsmith_server.jobs.checkpoints import resume_detail
 from weightsmith_server.jobs.event_log import EventLog, EventWriter
 from weightsmith_server.jobs.events import (
     EventPayload,
@@ -71,6 +77,8 @@ class _Job:
     events: EventLog
     folder: Path
     cancel: threading.Event = field(default_factory=threading.Event)
+    # The job holds its `output_model_id` in the host: nobody else can create that model meanwhile.
+    output_reserved: bool = False
 
     @property
     def active(self) -> bool:
@@ -148,8 +156,10 @@ class JobManager:
             spec = job.record.spec
             if job.record.state == JobState.RUNNING and not spec.output_model_id:
                 # Keep the model locked until the job runs again: edits meanwhile would void it.
-                with contextlib.suppress(NotFound, FailedPrecondition):  # else it fails when it runs
+                # Else (gone, unrestorable, no room in the memory budget now) it fails when it runs.
+                with contextlib.suppress(NotFound, FailedPrecondition, ResourceExhausted):
                     self.host.reserve_for_job(spec.model_id, job.record.job_id)
+            self._reserve_output(job)
         log.info("restored %d job(s), %d to run", len(jobs), len(resumed))
 
     def start(self) -> None:
@@ -176,13 +186,16 @@ class JobManager:
     def last_sequence(self, job_id: str) -> int:
         return self._table.get(job_id, "job_id").events.last_sequence
 
-    def list(self, size: int, token: str) -> tuple[list[JobRecord], str]:
-        """One page of jobs, newest first, and the next page's token."""
+    def list(
+        self, size: int, token: str, where: Callable[[JobRecord], bool] | None = None
+    ) -> tuple[list[JobRecord], str]:
+        """One page of jobs (those `where` accepts), newest first, and the next page's token."""
 
         def key(job: _Job) -> str:
             return f"{job.record.create_time}|{job.record.job_id}"
 
-        newest_first = sorted(self._table.values(), key=key, reverse=True)
+        jobs = [j for j in self._table.values() if where is None or where(j.record)]
+        newest_first = sorted(jobs, key=key, reverse=True)
         page, next_token = page_after(newest_first, key, size, token, descending=True)
         return [j.record for j in page], next_token
 
@@ -224,21 +237,24 @@ class JobManager:
 
     # --- lifecycle -------------------------------------------------------------
 
-    async def create(self, job_id: str, spec: TrainingSpec) -> JobRecord:
+    async def create(self, job_id: str, spec: TrainingSpec, owner: str = "") -> JobRecord:
         """Validate the spec completely, persist the job, queue it (an empty id gets a fresh one).
 
         All of it runs on the manager's worker (validation reads models, creation fsyncs).
+        `owner` is the principal creating it ("" without authentication).
         """
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._create, job_id, spec)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._create, job_id, spec, owner
+        )
 
-    def _create(self, job_id: str, spec: TrainingSpec) -> JobRecord:
+    def _create(self, job_id: str, spec: TrainingSpec, owner: str = "") -> JobRecord:
         if job_id:
             validate_id(job_id, field="job_id", kind="job")
         validate(spec, self.host, self.datasets)
         with self._table.reservation(job_id, "job_id") as job_id:
-            return self._queue_new(job_id, spec)
+            return self._queue_new(job_id, spec, owner)
 
-    def _queue_new(self, job_id: str, spec: TrainingSpec) -> JobRecord:
+    def _queue_new(self, job_id: str, spec: TrainingSpec, owner: str = "") -> JobRecord:
         with self._lock:
             output = spec.output_model_id
             if output and any(
@@ -249,7 +265,15 @@ class JobManager:
                     reason="MODEL_EXISTS",
                     field="spec.output_model_id",
                 )
-            job = self._persist(JobRecord(job_id, spec, JobState.QUEUED, utc_now()))
+            if output:  # from now until the job ends, only the job can create that model
+                self.host.reserve(output, "spec.output_model_id")
+            try:
+                job = self._persist(JobRecord(job_id, spec, JobState.QUEUED, utc_now(), owner=owner))
+            except BaseException:
+                if output:
+                    self.host.release(output)
+                raise
+            job.output_reserved = bool(output)
             self._table.put(job_id, job)
         self.writer.append(job.events, StateChanged(JobState.QUEUED), wait=True)
         with self._lock:
@@ -302,7 +326,27 @@ class JobManager:
         with contextlib.suppress(NotFound, FailedPrecondition):
             self.host.release_job(job.record.spec.model_id, job.record.job_id)
 
+    def _reserve_output(self, job: _Job) -> bool:
+        """Hold the job's output model id, unless held already; False when a model has taken it."""
+        output = job.record.spec.output_model_id
+        if output and not job.output_reserved:
+            try:
+                self.host.reserve(output, "spec.output_model_id")
+            except AlreadyExists:
+                return False
+            job.output_reserved = True
+        return True
+
+    def _release_output(self, job: _Job) -> None:
+        if job.output_reserved:
+            self.host.release(job.record.spec.output_model_id)
+            job.output_reserved = False
+
     def _finish(self, job: _Job, state: JobState, detail: str) -> None:
+        # Released before the end is visible: a client that saw it may edit the model at once.
+        self._release_output(job)
+        if not job.record.spec.output_model_id:
+            self._release_model(job)
         job.record = replace(
             job.record, state=state, end_time=utc_now(), error=detail if state == JobState.FAILED else ""
         )
@@ -339,13 +383,13 @@ class JobManager:
                     self._queue.append(job.record.job_id)
                 time.sleep(0.5)
                 return
-        except (NotFound, FailedPrecondition) as exc:
+        except (NotFound, FailedPrecondition, ResourceExhausted) as exc:
             self._finish(job, JobState.FAILED, exc.message)
             return
         try:
             try:
                 device, revision = self.host.run(spec.model_id, lambda model: (model.device, model.revision))
-            except (NotFound, FailedPrecondition) as exc:
+            except (NotFound, FailedPrecondition, ResourceExhausted) as exc:
                 self._finish(job, JobState.FAILED, exc.message)
                 return
             self._train(job, spec, device, revision, resumed)
@@ -361,8 +405,15 @@ class JobManager:
         self._save(job)
         if resumed and self._already_committed(job, spec):
             return
-        epoch = checkpoint_epoch(job.folder / "checkpoint")
-        detail = f"resumed from the checkpoint of epoch {epoch}" if resumed else ""
+        if not self._reserve_output(job):  # never overwritten, never taken for the job's own result
+            self._finish(
+                job,
+                JobState.FAILED,
+                f"Model {spec.output_model_id!r} was created while the job waited to run; nothing was "
+                "committed. Create a new job with another output_model_id.",
+            )
+            return
+        detail = resume_detail(job.folder / "checkpoint") if resumed else ""
         self.writer.append(job.events, StateChanged(JobState.RUNNING, detail))
         try:
             manifest = store.read_manifest(spec.model_id, base)
@@ -459,7 +510,10 @@ class JobManager:
             new = creation.from_values(
                 config_json, outcome.values, message=message, author=author, job_id=job_id
             )
-            info = self.host.create(spec.output_model_id, new, field="spec.output_model_id")
+            reserved, job.output_reserved = job.output_reserved, False  # `create` releases it
+            info = self.host.create(
+                spec.output_model_id, new, field="spec.output_model_id", reserved=reserved
+            )
             return info.model_id, info.revision
         staged = self.host.stage(spec.model_id)
 

@@ -39,6 +39,8 @@ class JobRecord:
     epoch: int = 0
     step: int = 0
     base_revision: int = 0
+    # The principal that created the job ("" without authentication); only it sees and controls it.
+    owner: str = ""
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)

@@ -135,6 +135,7 @@ class TrainingSpec:
     early_stopping: EarlyStoppingSpec | None = None
     checkpoint_every_epochs: int = 0
     progress_every_steps: int = 0
+    checkpoint_every_steps: int = 0
     seed: int | None = None
     preprocessing: PreprocessingSpec = field(default_factory=PreprocessingSpec)
     mixed_precision: bool = False

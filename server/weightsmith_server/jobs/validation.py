@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from weightsmith_server.errors import AlreadyExists, InvalidArgument
 from weightsmith_server.jobs.spec import LearningRateSpec, PreprocessingSpec, ScheduleKind, TrainingSpec
+from weightsmith_server.limits import MAX_GLOBAL_SEED, check_seed
 from weightsmith_server.naming import validate_id
 from weightsmith_server.selectors import select
 
@@ -120,6 +121,7 @@ def _validate(spec: TrainingSpec, resident: ResidentModel, host: ModelHost, data
         raise _invalid(
             f"Received batch_size={spec.batch_size}, expected at least 1.", "INVALID_BATCH_SIZE", "batch_size"
         )
+    check_seed(spec.seed, field="spec.seed", maximum=MAX_GLOBAL_SEED)
     if not 0 <= spec.validation_split <= 0.5:
         raise _invalid(
             f"Received validation_split={spec.validation_split}, expected 0 to 0.5.",
@@ -132,9 +134,9 @@ def _validate(spec: TrainingSpec, resident: ResidentModel, host: ModelHost, data
     if spec.optimizer.weight_decay is not None and not spec.optimizer.weight_decay >= 0:
         raise _invalid("weight_decay must be at least 0.", "INVALID_NUMBER", "optimizer.weight_decay")
     check_loss_and_metrics(spec)
-    if spec.checkpoint_every_epochs < 0 or spec.progress_every_steps < 0:
-        field = "checkpoint_every_epochs" if spec.checkpoint_every_epochs < 0 else "progress_every_steps"
-        raise _invalid(f"{field} must not be negative.", "INVALID_NUMBER", field)
+    for field in ("checkpoint_every_epochs", "checkpoint_every_steps", "progress_every_steps"):
+        if getattr(spec, field) < 0:
+            raise _invalid(f"{field} must not be negative.", "INVALID_NUMBER", field)
     _check_trainable(spec, resident)
     _check_preprocessing(spec.preprocessing)
     _check_early_stopping(spec, train, validation)
@@ -149,9 +151,21 @@ def _validate(spec: TrainingSpec, resident: ResidentModel, host: ModelHost, data
         )
 
 
+# Each metric is compiled into every training and evaluation step: a thousand
+# of them keep a job compiling for minutes, past any cancellation.
+MAX_METRICS = 16
+
+
 def check_loss_and_metrics(spec: TrainingSpec, prefix: str = "spec.") -> None:
-    """Unknown Keras loss or metric names are INVALID_ARGUMENT on their field."""
+    """Unknown Keras loss or metric names, or too many metrics, are INVALID_ARGUMENT on their field."""
     _check_keras_name("loss", spec.loss, "loss", prefix)
+    if len(spec.metrics) > MAX_METRICS:
+        raise InvalidArgument(
+            f"Received {len(spec.metrics)} metrics, expected at most {MAX_METRICS}.",
+            reason="TOO_MANY_METRICS",
+            field=f"{prefix}metrics",
+            metadata={"count": str(len(spec.metrics)), "limit": str(MAX_METRICS)},
+        )
     for index, metric in enumerate(spec.metrics):
         _check_keras_name("metric", metric, f"metrics[{index}]", prefix)
 

@@ -9,14 +9,24 @@ registered objects, and the builtin layers that load or run foreign code.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import (
+    InputLimits,
+    check_config_size,
+    check_zip_listing,
+    excerpt,
+    iter_member,
+    parse_config_json,
+    read_member,
+)
 
 # Builtin layers that execute code or load artifacts of their own.
 _FORBIDDEN_CLASSES = frozenset(
@@ -25,6 +35,10 @@ _FORBIDDEN_CLASSES = frozenset(
 
 # Keras keeps global state (random seed, layer name counters) while building.
 _BUILD_LOCK = threading.Lock()
+# How much of a Keras error a reply quotes: Keras often echoes the whole config.
+_KERAS_ERROR_CHARS = 1000
+# A `.keras` file's config member.
+_CONFIG_MEMBER = "config.json"
 
 
 @dataclass(frozen=True)
@@ -71,23 +85,23 @@ def check_builtin_config(config: Any, *, field: str) -> None:
                     "code and is not accepted. Rebuild the model from builtin layers only.",
                     reason="UNSAFE_MODEL",
                     field=field,
-                    metadata={"class_name": str(class_name)},
+                    metadata={"class_name": excerpt(class_name)},
                 )
             if module is not None and not (module == "keras" or str(module).startswith("keras.")):
                 raise InvalidArgument(
-                    f"The model refers to `{module}.{class_name}`, from outside Keras; only "
-                    "builtin Keras objects are accepted.",
+                    f"The model refers to `{excerpt(module)}.{excerpt(class_name)}`, from outside "
+                    "Keras; only builtin Keras objects are accepted.",
                     reason="UNSAFE_MODEL",
                     field=field,
-                    metadata={"module": str(module), "class_name": str(class_name)},
+                    metadata={"module": excerpt(module), "class_name": excerpt(class_name)},
                 )
             if registered is not None and registered != class_name:
                 raise InvalidArgument(
-                    f"The model uses the custom object `{registered}`; only builtin Keras "
+                    f"The model uses the custom object `{excerpt(registered)}`; only builtin Keras "
                     "objects are accepted.",
                     reason="UNSAFE_MODEL",
                     field=field,
-                    metadata={"registered_name": str(registered)},
+                    metadata={"registered_name": excerpt(registered)},
                 )
         stack.extend(node.values())
 
@@ -114,7 +128,8 @@ def build_from_catalog(spec: CatalogSpec, *, seed: int | None, device: str, weig
     if spec.name not in catalog_names():
         raise InvalidArgument(
             f"Received an unknown catalog architecture, expected a `keras.applications` "
-            f"constructor name such as `ResNet50` (GetServerInfo lists them). Received: {spec.name!r}",
+            f"constructor name such as `ResNet50` (GetServerInfo lists them). "
+            f"Received: {excerpt(spec.name)!r}",
             reason="UNKNOWN_ARCHITECTURE",
             field="catalog.name",
         )
@@ -136,25 +151,24 @@ def build_from_catalog(spec: CatalogSpec, *, seed: int | None, device: str, weig
             return constructor(**kwargs)
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(
-                f"{spec.name} rejected its arguments: {exc}",
+                f"{spec.name} rejected its arguments: {excerpt(exc, _KERAS_ERROR_CHARS)}",
                 reason="INVALID_ARCHITECTURE_ARGUMENTS",
                 field="catalog",
             ) from exc
 
 
-def build_from_config(config_json: str, *, seed: int | None, device: str, field: str) -> Any:
-    """Build a model from a Keras config JSON of builtin objects on `device`."""
+def build_from_config(
+    config_json: str, *, seed: int | None, device: str, field: str, limits: InputLimits
+) -> Any:
+    """Build a model from a Keras config JSON of builtin objects on `device`.
+
+    The config is bounded (size, nesting depth) before Keras, which recurses
+    and reads it whole, ever sees it.
+    """
     import keras
     import tensorflow as tf
 
-    try:
-        config = json.loads(config_json)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(
-            f"Received a model config that is not valid JSON: {exc}",
-            reason="INVALID_MODEL_CONFIG",
-            field=field,
-        ) from exc
+    config = parse_config_json(config_json, limits, field=field, reason="INVALID_MODEL_CONFIG")
     if not isinstance(config, dict) or "class_name" not in config:
         raise InvalidArgument(
             "Received a model config without `class_name`, expected the output of `model.to_json()`.",
@@ -169,38 +183,125 @@ def build_from_config(config_json: str, *, seed: int | None, device: str, field:
             model = keras.models.model_from_json(config_json)
         except Exception as exc:  # Keras raises many types for a bad config.
             raise InvalidArgument(
-                f"Keras could not build the model config: {exc}",
+                f"Keras could not build the model config: {excerpt(exc, _KERAS_ERROR_CHARS)}",
                 reason="INVALID_MODEL_CONFIG",
                 field=field,
             ) from exc
     return _require_built(model, field)
 
 
-def load_upload(path: Path, *, device: str, field: str) -> Any:
-    """Load an uploaded `.keras` file after checking it holds only builtin objects."""
+def _corrupt_upload(detail: object, field: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"The upload is not a readable `.keras` file: {excerpt(detail)}.",
+        reason="CORRUPT_MODEL_FILE",
+        field=field,
+    )
+
+
+def read_keras_config(path: Path, *, field: str, limits: InputLimits) -> Any:
+    """A `.keras` file's parsed config, after checking every member against the limits.
+
+    Declared sizes are checked from the zip's headers first; then every
+    compressed member is inflated in pieces and counted (zipfile stops at the
+    declared size and checks the CRC), so a lying header is caught too,
+    before Keras reads anything.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            check_zip_listing(archive, limits, field=field, reason="CORRUPT_MODEL_FILE")
+            info = archive.getinfo(_CONFIG_MEMBER)
+            check_config_size(
+                info.file_size, limits.max_config_bytes, field=field, what="`.keras` file's config.json"
+            )
+            with archive.open(info) as stream:
+                raw = read_member(
+                    stream, _CONFIG_MEMBER, limits.max_config_bytes, field=field, flag="--max-config-mb"
+                )
+            for member in archive.infolist():
+                if member.compress_type != zipfile.ZIP_STORED and member is not info:
+                    with archive.open(member) as stream:
+                        for _ in iter_member(stream, member.filename, limits.max_member_bytes, field=field):
+                            pass
+    except KeyError as exc:
+        raise _corrupt_upload("it has no config.json", field) from exc
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise _corrupt_upload(exc, field) from exc
+    return parse_config_json(
+        raw, limits, field=field, reason="CORRUPT_MODEL_FILE", what="`.keras` file's config.json"
+    )
+
+
+def load_upload(path: Path, *, device: str, field: str, limits: InputLimits) -> Any:
+    """Load an uploaded `.keras` file after checking its sizes and that it holds only builtin objects."""
     import keras
     import tensorflow as tf
 
-    try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(
-            f"The upload is not a readable `.keras` file: {exc}",
-            reason="CORRUPT_MODEL_FILE",
-            field=field,
-        ) from exc
+    config = read_keras_config(path, field=field, limits=limits)
+    if not isinstance(config, dict):
+        raise _corrupt_upload("its config.json is not a JSON object", field)
     check_builtin_config(config, field=field)
     with _BUILD_LOCK, tf.device(device):
         try:
             model = keras.models.load_model(path, safe_mode=True, compile=False)
         except Exception as exc:  # corrupt weights, bad config, refused by safe mode
             raise InvalidArgument(
-                f"Keras could not load the `.keras` file: {exc}",
+                f"Keras could not load the `.keras` file: "
+                f"{excerpt(str(exc).replace(str(path), 'the upload'), _KERAS_ERROR_CHARS)}",
                 reason="CORRUPT_MODEL_FILE",
                 field=field,
             ) from exc
     return _require_built(model, field)
+
+
+def declared_bytes(build: Callable[[], Any]) -> int:
+    """Bytes of the variables the model `build()` makes would hold, found without allocating them.
+
+    Keras creates variables inside a stateless scope as shape and dtype
+    only, so a config declaring a 10^6 x 10^6 Dense layer costs nothing
+    here. A build that fails reports 0: the real build then raises the error
+    the caller expects.
+    """
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    with _BUILD_LOCK:
+        try:
+            with StatelessScope(initialize_variables=False):
+                model = build()
+                return sum(
+                    math.prod(variable.shape) * np.dtype(variable.dtype).itemsize
+                    for variable in model.variables
+                )
+        except Exception:  # the real build reports it, with its own reason
+            return 0
+        finally:
+            global_state.set_global_attribute("uninitialized_variables", [])
+
+
+def config_declared_bytes(config_json: str) -> int:
+    """`declared_bytes` of a Keras model config (JSON)."""
+    import keras
+
+    return declared_bytes(lambda: keras.models.model_from_json(config_json))
+
+
+def catalog_declared_bytes(spec: CatalogSpec) -> int:
+    """`declared_bytes` of a catalog architecture, built without weights."""
+    import keras
+
+    if spec.name not in catalog_names():
+        return 0
+    kwargs: dict[str, Any] = {
+        "weights": None,
+        "include_top": spec.include_top,
+        "input_shape": spec.input_shape,
+        "pooling": spec.pooling,
+    }
+    if spec.include_top:
+        kwargs["classes"] = spec.classes
+    constructor = getattr(keras.applications, spec.name)
+    return declared_bytes(lambda: constructor(**kwargs))
 
 
 def rebuild(config_json: str, *, device: str, seed: int | None = None) -> Any:

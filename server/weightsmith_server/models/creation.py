@@ -9,6 +9,7 @@ commits revision 1 through the commit path.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import MAX_GLOBAL_SEED, InputLimits, check_seed, excerpt, parse_config_json
 from weightsmith_server.models import architecture
 from weightsmith_server.models.resident import ModelState
 from weightsmith_server.revisions.record import RevisionDraft, RevisionKind
@@ -45,6 +47,9 @@ class NewModel:
     build: Callable[[str], Any]
     draft: RevisionDraft
     architecture: str | None = None
+    # The bytes its variables will hold, known before anything is allocated
+    # (0: unknown until built): the host refuses a model no budget can hold.
+    declared_bytes: Callable[[], int] = lambda: 0
 
 
 def _draft(kind: RevisionKind, message: str, author: str, job_id: str = "") -> RevisionDraft:
@@ -57,8 +62,8 @@ def import_path(store: Store, relative: str) -> Path:
     path = store.resolve_import(relative)
     if path is None or not path.is_file():
         raise InvalidArgument(
-            f"Received weights_file={relative[:200]!r}, expected the path of a file under the "
-            f"store's imports folder ({store.imports_dir}), relative to it.",
+            f"Received weights_file={excerpt(relative)!r}, expected the path of a file under the "
+            f"store's `imports/` folder, relative to it.",
             reason="WEIGHTS_FILE_NOT_FOUND",
             field="catalog.weights_file",
         )
@@ -69,34 +74,60 @@ def from_catalog(
     spec: architecture.CatalogSpec, *, seed: int | None, weights_path: Path | None, message: str, author: str
 ) -> NewModel:
     """A `keras.applications` architecture, with fresh or imported weights."""
+    check_seed(seed, field="seed", maximum=MAX_GLOBAL_SEED)
 
     def build(device: str) -> Any:
         return architecture.build_from_catalog(spec, seed=seed, device=device, weights_path=weights_path)
 
-    return NewModel(ModelSource.CATALOG, build, _draft(RevisionKind.CREATE, message, author), spec.name)
+    return NewModel(
+        ModelSource.CATALOG,
+        build,
+        _draft(RevisionKind.CREATE, message, author),
+        spec.name,
+        lambda: architecture.catalog_declared_bytes(spec),
+    )
 
 
-def from_config(config_json: str, *, seed: int | None, message: str, author: str) -> NewModel:
-    """A Keras model config of builtin layers."""
+def from_config(
+    config_json: str, *, seed: int | None, message: str, author: str, limits: InputLimits
+) -> NewModel:
+    """A Keras model config of builtin layers, within the config limits."""
+    check_seed(seed, field="seed", maximum=MAX_GLOBAL_SEED)
 
     def build(device: str) -> Any:
         return architecture.build_from_config(
-            config_json, seed=seed, device=device, field="keras_config_json"
+            config_json, seed=seed, device=device, field="keras_config_json", limits=limits
         )
 
-    return NewModel(ModelSource.CONFIG, build, _draft(RevisionKind.CREATE, message, author))
+    def declared() -> int:
+        config = parse_config_json(
+            config_json, limits, field="keras_config_json", reason="INVALID_MODEL_CONFIG"
+        )
+        if not isinstance(config, dict):
+            return 0  # the build refuses it with its reason
+        architecture.check_builtin_config(config, field="keras_config_json")
+        return architecture.config_declared_bytes(config_json)
+
+    return NewModel(ModelSource.CONFIG, build, _draft(RevisionKind.CREATE, message, author), None, declared)
 
 
-def from_upload(path: Path, *, message: str, author: str) -> NewModel:
-    """A received `.keras` file, loaded in safe mode; the file is removed once read."""
+def from_upload(path: Path, *, message: str, author: str, limits: InputLimits) -> NewModel:
+    """A received `.keras` file, checked against the limits, loaded in safe mode; removed once read."""
 
     def build(device: str) -> Any:
         try:
-            return architecture.load_upload(path, device=device, field="chunk")
+            return architecture.load_upload(path, device=device, field="chunk", limits=limits)
         finally:
             path.unlink(missing_ok=True)
 
-    return NewModel(ModelSource.UPLOAD, build, _draft(RevisionKind.UPLOAD, message, author))
+    def declared() -> int:
+        config = architecture.read_keras_config(path, field="chunk", limits=limits)
+        if not isinstance(config, dict):
+            return 0  # the build refuses it with its reason
+        architecture.check_builtin_config(config, field="chunk")
+        return architecture.config_declared_bytes(json.dumps(config))
+
+    return NewModel(ModelSource.UPLOAD, build, _draft(RevisionKind.UPLOAD, message, author), None, declared)
 
 
 def from_values(
@@ -110,7 +141,13 @@ def from_values(
             variable.assign(values[entry.path])
         return model
 
-    return NewModel(ModelSource.JOB, build, _draft(RevisionKind.CREATE, message, author, job_id))
+    return NewModel(
+        ModelSource.JOB,
+        build,
+        _draft(RevisionKind.CREATE, message, author, job_id),
+        None,
+        lambda: architecture.config_declared_bytes(config_json),
+    )
 
 
 def materialize(store: Store, model_id: str, revision: int, device: str) -> ModelState:

@@ -1,4 +1,4 @@
-"""What GetModel and ListModels report about a resident model."""
+"""What GetModel and ListModels report about a model, resident or not."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from weightsmith_server.models.resident import ResidentModel
-from weightsmith_server.store import VariableRecord
+from weightsmith_server.models.resident import ModelState, ResidentModel
+from weightsmith_server.store import ModelRecord, VariableRecord
 from weightsmith_server.tensor_spec import TensorSpecInfo
 
 
@@ -39,6 +39,8 @@ class ModelInfo:
     variables: tuple[VariableRecord, ...]
     create_time: str
     update_time: str
+    # False for a model unloaded under the memory budget (its `device` is then empty).
+    resident: bool = True
 
 
 def _spec(tensor: Any, name: str) -> TensorSpecInfo:
@@ -56,16 +58,22 @@ def output_names(model: Any) -> list[str]:
 
 
 def describe(resident: ResidentModel) -> ModelInfo:
-    """The model as it stands at its committed revision."""
-    state = resident.state
+    """The resident model as it stands at its committed revision."""
+    return describe_state(resident.record, resident.device, resident.state)
+
+
+def describe_state(
+    record: ModelRecord, device: str, state: ModelState, *, resident: bool = True
+) -> ModelInfo:
+    """A model's description from its record and a committed state (`device` "" when not resident)."""
     model = state.keras_model
     variables = state.manifest.variables
     return ModelInfo(
-        model_id=resident.model_id,
+        model_id=record.model_id,
         revision=state.revision.revision,
-        architecture=resident.record.architecture,
-        source=resident.record.source,
-        device=resident.device,
+        architecture=record.architecture,
+        source=record.source,
+        device=device,
         parameter_count=sum(int(np.prod(v.shape, dtype=np.int64)) for v in variables),
         weight_bytes=sum(v.nbytes for v in variables),
         inputs=[_spec(t, t.name) for t in model.inputs],
@@ -75,6 +83,7 @@ def describe(resident: ResidentModel) -> ModelInfo:
             for i, layer in enumerate(model.layers)
         ],
         variables=variables,
-        create_time=resident.record.create_time,
+        create_time=record.create_time,
         update_time=state.revision.create_time,
+        resident=resident,
     )

@@ -67,7 +67,8 @@ class ModelHost(ABC):
     def unload(self, model_id: str) -> None:
         """Drop a model from memory; it stays stored and is loaded again on its next use.
 
-        FAILED_PRECONDITION while an in-place job trains it.
+        FAILED_PRECONDITION while an in-place job trains it. The memory
+        budget does the same on its own to least-recently-used idle models.
         """
 
     # --- reading ---------------------------------------------------------------
@@ -78,19 +79,35 @@ class ModelHost(ABC):
 
     @abstractmethod
     def describe(self, model_id: str, field: str = "model_id") -> ModelInfo:
-        """What GetModel reports."""
+        """What GetModel reports; an unloaded model is described without being loaded."""
 
     @abstractmethod
-    def list(self, page_size: int, page_token: str) -> tuple[list[ModelInfo], str]:
-        """One page of models ordered by id, and the next page's token."""
+    def list(
+        self, page_size: int, page_token: str, visible: Callable[[str], bool] | None = None
+    ) -> tuple[list[ModelInfo], str]:
+        """One page of models ordered by id (only ids `visible` accepts), and the next page's token.
+
+        Models unloaded by the memory budget are listed too, without being loaded.
+        """
 
     @abstractmethod
     def placements(self) -> dict[str, list[str]]:
         """The ids of the resident models on each device."""
 
     @abstractmethod
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of resident models' variables on each device."""
+
+    @abstractmethod
+    def memory_budgets(self) -> dict[str, int]:
+        """Each device's memory budget in bytes (0: none): past it, idle models are unloaded."""
+
+    @abstractmethod
     def run(self, model_id: str, function: Callable[[ResidentModel], T], *, field: str = "model_id") -> T:
-        """Run `function` on the resident model where it lives; it takes the locks it needs."""
+        """Run `function` on the resident model where it lives; it takes the locks it needs.
+
+        The model is loaded first if it was unloaded, and stays resident while `function` runs.
+        """
 
     @abstractmethod
     def revision(

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from weightsmith_server.errors import InvalidArgument
+from weightsmith_server.limits import excerpt
 from weightsmith_server.models.description import output_names
 from weightsmith_server.models.resident import ModelState, ResidentModel
 
@@ -64,7 +65,8 @@ def _feature_model(state: ModelState, names: tuple[str, ...]) -> Any:
             tensors.append(model.get_layer(name).output)
         except (ValueError, AttributeError) as exc:
             raise InvalidArgument(
-                f"Cannot return the output of layer {name!r}: {exc}. GetModel lists the layers.",
+                f"Cannot return the output of layer {excerpt(name)!r}: {excerpt(exc, 300)}. GetModel "
+                "lists the layers.",
                 reason="UNKNOWN_LAYER",
                 field=f"output_layers[{index}]",
             ) from exc

@@ -1,22 +1,43 @@
-"""`LocalModelHost`: every model resident in this process, backed by the store."""
+"""`LocalModelHost`: the models of this process, resident within a memory budget, backed by the store.
+
+Each device holds at most its memory budget of resident models' variables
+(`MemoryBudget`). Placing a model (creation, restore, the reload of an
+unloaded one, a commit that grows it) unloads the least recently used idle
+models of its device until it fits, or fails with RESOURCE_EXHAUSTED and
+changes nothing. Idle means no call uses the model (`ResidentModel.users`),
+no in-place job holds it and no commit is under way. An unloaded model
+stays listed with the description it had, and its next use reloads it from
+the store, bit-exactly.
+
+`_lock` guards which models are resident, their users, the use order and
+the bytes promised to placements under way; it is held briefly and never
+while a model is built. `_loading` serializes reloads, so one model is
+never loaded twice.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
+from weightsmith_server import metrics
 from weightsmith_server.devices import Devices
-from weightsmith_server.errors import NotFound, Unavailable
+from weightsmith_server.dtypes import numpy_dtype
+from weightsmith_server.errors import NotFound, ResourceExhausted, Unavailable
+from weightsmith_server.models.architecture import rebuild
+from weightsmith_server.models.budget import Held, MemoryBudget
 from weightsmith_server.models.creation import NewModel, materialize
-from weightsmith_server.models.description import ModelInfo, describe
+from weightsmith_server.models.description import ModelInfo, describe, describe_state
 from weightsmith_server.models.host import ModelHost
-from weightsmith_server.models.resident import ModelState, ResidentModel
+from weightsmith_server.models.resident import ModelState, ResidentModel, manifest_bytes
 from weightsmith_server.paging import page_after
 from weightsmith_server.resources import ResourceTable
 from weightsmith_server.revisions.commit import Change, ModelUnloaded, commit_change
@@ -29,24 +50,40 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclasses.dataclass
+class _Promise:
+    """Bytes `_place` promised a device until the model holding them is registered, or given up."""
+
+    device: str
+    nbytes: int
+    settled: bool = False
+
+
 class LocalModelHost(ModelHost):
-    """All models of a server, resident in this process.
+    """All models of a server, resident in this process within each device's memory budget.
 
     Args:
         store: The durable store every revision is committed to.
         devices: Where models can be placed.
         retain_revisions: Keep only this many revisions per model (0: all).
+        memory_budget_bytes: Bytes of variables each device may hold (0: automatic, see `Devices.budgets`).
     """
 
-    def __init__(self, store: Store, devices: Devices, retain_revisions: int = 0) -> None:
+    def __init__(
+        self, store: Store, devices: Devices, retain_revisions: int = 0, memory_budget_bytes: int = 0
+    ) -> None:
         self.store = store
         self.devices = devices
         self.retain_revisions = retain_revisions
+        self.budget = MemoryBudget(devices.budgets(memory_budget_bytes))
         self._models: ResourceTable[ResidentModel] = ResourceTable(
             "model", "ListModels", lambda model_id: self.store.model_dir(model_id).exists()
         )
-        # Stored models not in memory: loaded again on their next use.
-        self._unloaded: set[str] = set()
+        # Stored models not in memory, with what GetModel says of them: loaded again on their next use.
+        self._unloaded: dict[str, ModelInfo] = {}
+        # Bytes promised to placements under way, per device.
+        self._pending: dict[str, int] = {}
+        self._lock = threading.RLock()
         self._loading = threading.Lock()
         self.ready = False
 
@@ -58,32 +95,77 @@ class LocalModelHost(ModelHost):
                 "The server is still restoring its models; retry in a moment.", reason="STARTING"
             )
 
-    def _resident(self, model_id: str, field: str = "model_id") -> ResidentModel:
-        """The resident model (loaded again if it was unloaded), or NotFound."""
+    def _acquire(self, model_id: str, field: str) -> ResidentModel:
+        """The resident model, in use until `_release` (loaded again if it was unloaded), or NotFound."""
         self._require_ready()
-        resident = self._models.find(model_id)
-        if resident is not None:
-            return resident
-        with self._loading:
-            if model_id in self._unloaded:
-                self._models.put(model_id, self._load(model_id))
-                self._unloaded.discard(model_id)
-        return self._models.get(model_id, field)
+        while True:
+            with self._lock:
+                resident = self._models.find(model_id)
+                if resident is not None:
+                    resident.users += 1
+                    self.budget.touch(model_id)
+                    return resident
+                if model_id not in self._unloaded:
+                    self._models.get(model_id, field)  # raises: NOT_FOUND or UNRESTORABLE
+                    continue
+            loaded = self._reload(model_id)
+            if loaded is not None:
+                return loaded
+
+    def _release(self, resident: ResidentModel) -> None:
+        with self._lock:
+            resident.users -= 1
+
+    @contextlib.contextmanager
+    def _using(self, model_id: str, field: str = "model_id") -> Iterator[ResidentModel]:
+        """The resident model, never unloaded by the budget while this block runs."""
+        resident = self._acquire(model_id, field)
+        try:
+            yield resident
+        finally:
+            self._release(resident)
 
     def exists(self, model_id: str) -> bool:
         self._require_ready()
         return self._models.find(model_id) is not None or model_id in self._unloaded
 
-    def describe(self, model_id: str, field: str = "model_id") -> ModelInfo:
-        return describe(self._resident(model_id, field))
-
-    def list(self, page_size: int, page_token: str) -> tuple[list[ModelInfo], str]:
+    def _lookup(self, model_id: str, field: str) -> ResidentModel | ModelInfo:
+        """The resident model, or an unloaded one's description: neither loaded nor counted as a use."""
         self._require_ready()
-        ids = sorted({*(m.model_id for m in self._models.values()), *self._unloaded})
+        with self._lock:
+            resident = self._models.find(model_id)
+            if resident is not None:
+                return resident
+            info = self._unloaded.get(model_id)
+            if info is not None:
+                return info
+            return self._models.get(model_id, field)  # raises: NOT_FOUND or UNRESTORABLE
+
+    def describe(self, model_id: str, field: str = "model_id") -> ModelInfo:
+        # Metadata only: GetModel neither reloads a model nor keeps it resident.
+        found = self._lookup(model_id, field)
+        return describe(found) if isinstance(found, ResidentModel) else found
+
+    def list(
+        self, page_size: int, page_token: str, visible: Callable[[str], bool] | None = None
+    ) -> tuple[list[ModelInfo], str]:
+        self._require_ready()
+        with self._lock:
+            ids = sorted({*(m.model_id for m in self._models.values()), *self._unloaded})
+        if visible is not None:
+            ids = [model_id for model_id in ids if visible(model_id)]
         page, token = page_after(ids, lambda k: k, page_size, page_token)
-        # A model deleted since the ids were taken is left out, not an error.
-        found = [self._models.find(k) or (self._resident(k) if k in self._unloaded else None) for k in page]
-        return [describe(resident) for resident in found if resident is not None], token
+        found: list[ModelInfo] = []
+        for model_id in page:
+            with self._lock:
+                resident = self._models.find(model_id)
+                info = self._unloaded.get(model_id)
+            # A model deleted since the ids were taken is left out, not an error.
+            if resident is not None:
+                found.append(describe(resident))
+            elif info is not None:
+                found.append(info)
+        return found, token
 
     def placements(self) -> dict[str, list[str]]:
         placed: dict[str, list[str]] = {}
@@ -95,56 +177,197 @@ class LocalModelHost(ModelHost):
         """Bytes of weights held per device."""
         totals: dict[str, int] = {}
         for resident in self._models.values():
-            totals[resident.device] = totals.get(resident.device, 0) + sum(
-                v.nbytes for v in resident.state.manifest.variables
-            )
+            totals[resident.device] = totals.get(resident.device, 0) + resident.nbytes
         return totals
 
+    def memory_budgets(self) -> dict[str, int]:
+        """Each device's memory budget in bytes (0: none)."""
+        return {d.name: self.budget.budget(d.name) for d in self.devices.devices}
+
     def run(self, model_id: str, function: Callable[[ResidentModel], T], *, field: str = "model_id") -> T:
-        return function(self._resident(model_id, field))
+        with self._using(model_id, field) as resident:
+            return function(resident)
 
     def revision(
         self, model_id: str, revision: int, field: str = "revision", model_field: str = "model_id"
     ) -> tuple[int, Manifest]:
-        state = self._resident(model_id, model_field).state
-        if revision == 0 or revision == state.revision.revision:
-            return state.revision.revision, state.manifest
-        if revision < 0 or not self.store.has_revision(model_id, revision):
+        found = self._lookup(model_id, model_field)
+        if isinstance(found, ResidentModel):
+            state = found.state
+            current = state.revision.revision
+            if revision in (0, current):
+                return current, state.manifest
+        else:
+            current = found.revision  # unloaded: its latest stored revision, read without a reload
+        number = revision or current
+        if number < 0 or not self.store.has_revision(model_id, number):
             raise NotFound(
                 f"Model {model_id!r} has no revision {revision}; it is at revision "
-                f"{state.revision.revision}. ListRevisions shows the retained ones.",
+                f"{current}. ListRevisions shows the retained ones.",
                 reason="REVISION_NOT_FOUND",
                 field=field,
                 metadata={"model_id": model_id, "revision": str(revision)},
             )
-        return revision, self.store.read_manifest(model_id, revision)
+        return number, self.store.read_manifest(model_id, number)
 
     def materialize(self, model_id: str, revision: int, device: str) -> ModelState:
         return materialize(self.store, model_id, revision, device)
 
+    # --- placement within the memory budget --------------------------------------
+
+    def _place(self, needed: int, devices: Sequence[str] = (), *, unload: bool = True) -> _Promise:
+        """A device for `needed` more bytes, after unloading least-recently-used idle models there.
+
+        The bytes stay promised to the device until `_register` or `_settle`;
+        RESOURCE_EXHAUSTED (nothing unloaded) when no device can take them.
+        """
+        with self._lock:
+            held: dict[str, list[Held]] = {}
+            idle: set[str] = set()
+            for resident in self._models.values():
+                held.setdefault(resident.device, []).append(Held(resident.model_id, resident.nbytes))
+                if resident.idle:
+                    idle.add(resident.model_id)
+            placement = self.budget.plan(
+                needed,
+                list(devices) or [d.name for d in self.devices.devices],
+                held,
+                idle,
+                pending=self._pending,
+                unload=unload,
+            )
+            for victim in placement.victims:
+                self._unload_idle(victim)
+            self._pending[placement.device] = self._pending.get(placement.device, 0) + needed
+        if placement.victims:
+            gc.collect()  # Keras models hold reference cycles: free their variables now
+        return _Promise(placement.device, needed)
+
+    def _settle(self, promise: _Promise | None) -> None:
+        """End a promise of `_place` (once): its bytes are resident now, or not needed."""
+        with self._lock:
+            if promise is not None and not promise.settled:
+                self._pending[promise.device] -= promise.nbytes
+                promise.settled = True
+
+    def _register(
+        self, resident: ResidentModel, promise: _Promise | None = None, *, users: int = 0
+    ) -> ResidentModel:
+        """Make a model resident and the most recently used; its promise ends at the same moment.
+
+        `users`: calls that use it from this moment on (a reload hands it to its caller in use).
+        """
+        with self._lock:
+            resident.users += users
+            self._models.put(resident.model_id, resident)
+            self._unloaded.pop(resident.model_id, None)
+            self.budget.touch(resident.model_id)
+            self._settle(promise)
+        return resident
+
+    def _unload_idle(self, model_id: str) -> None:
+        """Unload an idle model to make room (under `_lock`: it stays idle meanwhile)."""
+        resident = self._models.find(model_id)
+        assert resident is not None and resident.idle, model_id
+        # Free by construction (idle), taken so the `unloaded` flag is set under it as commits expect.
+        locked = resident.commit_lock.acquire(blocking=False)
+        try:
+            self._drop(resident)
+        finally:
+            if locked:
+                resident.commit_lock.release()
+        metrics.LRU_UNLOADS.labels(resident.device).inc()
+        log.info(
+            "unloaded model %s from %s (least recently used, %d bytes) to stay within the memory budget",
+            model_id,
+            resident.device,
+            resident.nbytes,
+        )
+
+    def _drop(self, resident: ResidentModel) -> None:
+        """Take a model out of memory, keeping its description (under `_lock` and its commit lock)."""
+        if self._models.remove(resident.model_id, resident):
+            resident.unloaded = True
+            self._unloaded[resident.model_id] = dataclasses.replace(
+                describe(resident), device="", resident=False
+            )
+
+    def _reload(self, model_id: str) -> ResidentModel | None:
+        """Load an unloaded model again at its latest revision, making room for it first.
+
+        Returns it in use by the caller (see `_acquire`), or None if it was
+        loaded or deleted while this waited.
+        """
+        with self._loading:
+            with self._lock:
+                info = self._unloaded.get(model_id)
+            if info is None:
+                return None
+            promise = self._place(info.weight_bytes)
+            try:
+                resident = self._register(self._load(model_id, promise.device), promise, users=1)
+            finally:
+                self._settle(promise)
+        log.info("reloaded model %s on %s", model_id, promise.device)
+        return resident
+
     # --- lifecycle -------------------------------------------------------------
 
     def restore(self) -> None:
-        """Load every stored model at its latest revision.
+        """Load every stored model at its latest revision, as many as the memory budget holds.
 
-        A model that fails to load is reported (FAILED_PRECONDITION on use)
-        rather than keeping the whole server from starting.
+        The others stay unloaded but listed, described from a build on the
+        CPU that is dropped at once. A model that fails to load is reported
+        (FAILED_PRECONDITION on use) rather than keeping the whole server
+        from starting.
         """
         ids = self.store.model_ids()
         for model_id in ids:
             try:
-                # Registered one by one: placement sees the models restored before this one.
-                self._models.put(model_id, self._load(model_id))
+                self._restore(model_id)
             except Exception as exc:
                 log.exception("model %s could not be restored", model_id)
                 self._models.mark_unrestorable(model_id, f"{type(exc).__name__}: {exc}")
         self.ready = True
-        log.info("restored %d of %d model(s)", len(self._models.values()), len(ids))
+        log.info(
+            "restored %d of %d model(s); %d left unloaded by the memory budget",
+            len(self._models.values()) + len(self._unloaded),
+            len(ids),
+            len(self._unloaded),
+        )
 
-    def _load(self, model_id: str) -> ResidentModel:
+    def _restore(self, model_id: str) -> None:
+        latest = self.store.revision_numbers(model_id)[-1]
+        needed = manifest_bytes(self.store.read_manifest(model_id, latest))
+        try:
+            # Registered one by one: placement sees the models restored before this one.
+            promise = self._place(needed, unload=False)
+        except ResourceExhausted:
+            info = self._describe_stored(model_id, latest)
+            with self._lock:
+                self._unloaded[model_id] = info
+                self.budget.touch(model_id)
+            return
+        try:
+            self._register(self._load(model_id, promise.device), promise)
+        finally:
+            self._settle(promise)
+
+    def _describe_stored(self, model_id: str, revision: int) -> ModelInfo:
+        """What GetModel says of a stored model that is not resident (built on the CPU, then dropped)."""
+        record = self.store.read_model(model_id)
+        keras_model = rebuild(self.store.read_architecture(model_id, revision), device="/device:CPU:0")
+        state = ModelState(
+            self.store.read_revision(model_id, revision),
+            self.store.read_manifest(model_id, revision),
+            keras_model,
+            {},
+        )
+        return describe_state(record, "", state, resident=False)
+
+    def _load(self, model_id: str, device: str) -> ResidentModel:
         record = self.store.read_model(model_id)
         latest = self.store.revision_numbers(model_id)[-1]
-        device = self.devices.choose(self.resident_bytes())
         return ResidentModel(record, device, materialize(self.store, model_id, latest, device))
 
     def reserve(self, model_id: str, field: str) -> str:
@@ -160,13 +383,25 @@ class LocalModelHost(ModelHost):
         if not reserved:
             model_id = self.reserve(model_id, field)
         try:
-            device = self.devices.choose(self.resident_bytes())
+            # What the config declares is checked before anything is allocated; the
+            # model is built where the most budget is free, and placed by its real size.
+            self.budget.refuse_oversized(new.declared_bytes(), [d.name for d in self.devices.devices])
+            with self._lock:
+                device = self.budget.roomiest(
+                    {d: n + self._pending.get(d, 0) for d, n in self.resident_bytes().items()},
+                    [d.name for d in self.devices.devices],
+                )
             keras_model = new.build(device)
-            return describe(self._commit_new(model_id, new, keras_model, device))
+            promise = self._place(_variable_bytes(keras_model), [device])
+            try:
+                resident = self._commit_new(model_id, new, keras_model, promise)
+            finally:
+                self._settle(promise)
+            return describe(resident)
         finally:
             self.release(model_id)
 
-    def _commit_new(self, model_id: str, new: NewModel, keras_model: Any, device: str) -> ResidentModel:
+    def _commit_new(self, model_id: str, new: NewModel, keras_model: Any, promise: _Promise) -> ResidentModel:
         """Write revision 1 durably, then make the model resident."""
         entries = model_variables(keras_model)
         architecture = new.architecture or type(keras_model).__name__
@@ -191,34 +426,53 @@ class LocalModelHost(ModelHost):
                 raise
             # Renamed into place before the failure: the model exists on disk, so
             # it must exist in memory too; then report the failure.
-            self._register(record, device, ModelState.of(revision, committed, keras_model))
+            state = ModelState.of(revision, committed, keras_model)
+            self._register(ResidentModel(record, promise.device, state), promise)
             raise
-        resident = self._register(record, device, ModelState.of(revision, committed, keras_model))
-        log.info("created model %s (%s) on %s", model_id, architecture, device)
-        return resident
-
-    def _register(self, record: ModelRecord, device: str, state: ModelState) -> ResidentModel:
-        resident = ResidentModel(record, device, state)
-        self._models.put(record.model_id, resident)
+        state = ModelState.of(revision, committed, keras_model)
+        resident = self._register(ResidentModel(record, promise.device, state), promise)
+        log.info("created model %s (%s) on %s", model_id, architecture, promise.device)
         return resident
 
     def delete(self, model_id: str) -> None:
-        resident = self._resident(model_id)
-        with resident.commit_lock:
+        self._require_ready()
+        with self._loading:  # an unloaded model is deleted as it is: no reload meanwhile
+            with self._lock:
+                info = self._unloaded.pop(model_id, None)
+            if info is not None:
+                try:
+                    self.store.delete_model(model_id)
+                except BaseException:
+                    with self._lock:
+                        self._unloaded[model_id] = info
+                    raise
+                with self._lock:
+                    self.budget.forget(model_id)
+                log.info("deleted model %s (not resident)", model_id)
+                return
+        with self._using(model_id) as resident, resident.commit_lock:
             resident.check_not_busy()
             resident.deleted = True
-            if not self._models.remove(model_id, resident):
+            with self._lock:
+                removed = self._models.remove(model_id, resident)
+                self.budget.forget(model_id)
+            if not removed:
                 raise NotFound(f"No model with id {model_id!r}.", reason="MODEL_NOT_FOUND", field="model_id")
             self.store.delete_model(model_id)
         log.info("deleted model %s", model_id)
 
     def unload(self, model_id: str) -> None:
-        resident = self._resident(model_id)
-        with resident.commit_lock, self._loading:
+        self._require_ready()
+        with self._lock:
+            resident = self._models.find(model_id)
+            if resident is None:
+                if model_id in self._unloaded:
+                    return
+                resident = self._models.get(model_id, "model_id")  # raises: NOT_FOUND or UNRESTORABLE
+        with resident.commit_lock, self._lock:
             resident.check_not_busy()
-            if self._models.remove(model_id, resident):
-                resident.unloaded = True
-                self._unloaded.add(model_id)
+            self._drop(resident)
+        gc.collect()
         log.info("unloaded model %s", model_id)
 
     # --- committing --------------------------------------------------------------
@@ -243,31 +497,82 @@ class LocalModelHost(ModelHost):
     ) -> RevisionRecord:
         while True:
             try:
-                resident = self._resident(model_id, f"{field_prefix}model_id")
+                resident = self._acquire(model_id, f"{field_prefix}model_id")
             except BaseException:
                 staged.discard()
                 raise
             try:
-                return commit_change(
+                return self._commit_within_budget(
                     resident,
                     staged,
                     prepare,
-                    store=self.store,
-                    reload=self._reload,
                     expected_revision=expected_revision,
                     field_prefix=field_prefix,
                     job_id=job_id,
-                    retain_revisions=self.retain_revisions,
                 )
             except ModelUnloaded:
                 continue  # unloaded while this waited for its lock: commit to the reloaded model
+            finally:
+                self._release(resident)
 
-    def _reload(self, resident: ResidentModel, revision: int) -> None:
+    def _commit_within_budget(
+        self,
+        resident: ResidentModel,
+        staged: StagedRevision,
+        prepare: Callable[[ResidentModel], Change],
+        *,
+        expected_revision: int | None,
+        field_prefix: str,
+        job_id: str | None,
+    ) -> RevisionRecord:
+        """`commit_change`, where a change that grows the model (surgery) first makes room for it.
+
+        The room is made before the commit's point of no return: without it
+        the call fails with RESOURCE_EXHAUSTED and nothing is committed.
+        """
+        grown: _Promise | None = None
+
+        def within_budget(current: ResidentModel) -> Change:
+            nonlocal grown
+            change = prepare(current)
+            growth = manifest_bytes(change.manifest) - current.nbytes
+            if growth > 0:
+                grown = self._place(growth, [current.device])
+            return change
+
+        try:
+            return commit_change(
+                resident,
+                staged,
+                within_budget,
+                store=self.store,
+                reload=self._rebuild,
+                expected_revision=expected_revision,
+                field_prefix=field_prefix,
+                job_id=job_id,
+                retain_revisions=self.retain_revisions,
+            )
+        finally:
+            self._settle(grown)
+
+    def _rebuild(self, resident: ResidentModel, revision: int) -> None:
         """Rebuild a model's state from the store at `revision` (after a failed install)."""
         resident.replace_state(materialize(self.store, resident.model_id, revision, resident.device))
 
     def reserve_for_job(self, model_id: str, job_id: str) -> bool:
-        return self._resident(model_id).reserve_for_job(job_id)
+        # Held by a job, a model is never unloaded by the memory budget.
+        with self._using(model_id) as resident:
+            return resident.reserve_for_job(job_id)
 
     def release_job(self, model_id: str, job_id: str) -> None:
-        self._resident(model_id).release_job(job_id)
+        found = self._lookup(model_id, "model_id")
+        if isinstance(found, ResidentModel):  # an unloaded model is held by no job
+            found.release_job(job_id)
+
+
+def _variable_bytes(keras_model: Any) -> int:
+    """Bytes of a built model's variables, as its manifest will count them."""
+    return sum(
+        int(np.prod(variable.shape, dtype=np.int64)) * numpy_dtype(str(variable.dtype)).itemsize
+        for _, variable in model_variables(keras_model)
+    )

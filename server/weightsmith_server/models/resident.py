@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from weightsmith_server.revisions.commit import Change
 
 
+def manifest_bytes(manifest: Manifest) -> int:
+    """Bytes of every variable a manifest lists."""
+    return sum(v.nbytes for v in manifest.variables)
+
+
 @dataclass(frozen=True)
 class ModelState:
     """One committed revision of a resident model; swapped in whole on commit."""
@@ -59,10 +64,23 @@ class ResidentModel:
         self.unloaded = False
         # The in-place job training this model, which alone may commit meanwhile.
         self.job: str | None = None
+        # Calls using the model now (counted by the host under its lock): the
+        # memory budget never unloads a model while this is above 0.
+        self.users = 0
 
     @property
     def revision(self) -> int:
         return self.state.revision.revision
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the committed revision's variables: what the memory budget counts."""
+        return manifest_bytes(self.state.manifest)
+
+    @property
+    def idle(self) -> bool:
+        """No call uses the model, no job holds it and no commit is under way: it may be unloaded."""
+        return self.users == 0 and self.job is None and not self.commit_lock.locked()
 
     def reserve_for_job(self, job_id: str) -> bool:
         """Lock the model for an in-place job; False if another job holds it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -10,16 +11,17 @@ from typing import BinaryIO
 
 import numpy as np
 
-from weightsmith_server import __version__
+from weightsmith_server import __version__, access
 from weightsmith_server.datasets import DatasetSplit, DatasetStore
 from weightsmith_server.devices import DeviceInfo
 from weightsmith_server.jobs.evaluation import Evaluation, evaluate
+from weightsmith_server.limits import InputLimits
 from weightsmith_server.models import architecture, creation, inference
 from weightsmith_server.models.description import ModelInfo
 from weightsmith_server.models.export import ExportFormat, write_model
 from weightsmith_server.models.host import ModelHost
 from weightsmith_server.models.resident import ResidentModel
-from weightsmith_server.resources import check_upload_size, receive_file
+from weightsmith_server.resources import check_upload_size, claim, receive_file, remove_later
 from weightsmith_server.workers import Blocking
 
 
@@ -43,6 +45,25 @@ class ServerLimits:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """How the server authenticates: a principals file, TLS, client certificates."""
+
+    authentication: bool = False
+    tls: bool = False
+    client_certificates: bool = False
+
+
+@dataclass(frozen=True)
+class SecurityInfo:
+    """GetServerInfo's `security`: the server's settings and the caller's own identity."""
+
+    settings: SecuritySettings
+    principal: str
+    scopes: list[str]
+    model_patterns: list[str]
+
+
+@dataclass(frozen=True)
 class DeviceUsage:
     """One device, its memory and the models placed on it."""
 
@@ -50,6 +71,8 @@ class DeviceUsage:
     memory_used_bytes: int
     memory_total_bytes: int
     model_ids: list[str]
+    memory_budget_bytes: int = 0
+    resident_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,7 @@ class ServerInfo:
     devices: list[DeviceUsage]
     limits: ServerLimits
     catalog_architectures: list[str]
+    security: SecurityInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -77,12 +101,20 @@ class ModelOperations:
     """Create, upload, inspect, export, delete and run models, through the model host."""
 
     def __init__(
-        self, host: ModelHost, datasets: DatasetStore, blocking: Blocking, limits: ServerLimits
+        self,
+        host: ModelHost,
+        datasets: DatasetStore,
+        blocking: Blocking,
+        limits: ServerLimits,
+        inputs: InputLimits | None = None,
+        security: SecuritySettings | None = None,
     ) -> None:
         self._host = host
         self._datasets = datasets
         self._blocking = blocking
         self._limits = limits
+        self._inputs = inputs or InputLimits()
+        self._security = security or SecuritySettings()
 
     async def create(
         self,
@@ -94,6 +126,7 @@ class ModelOperations:
         author: str,
     ) -> ModelInfo:
         """A new model at revision 1, from a catalog architecture or a Keras config JSON."""
+        model_id = access.require_creatable(model_id)
         return await self._blocking(self._create, model_id, source, seed, message, author)
 
     def _create(
@@ -112,7 +145,9 @@ class ModelOperations:
                 source, seed=seed, weights_path=weights, message=message, author=author
             )
         else:
-            new = creation.from_config(source, seed=seed, message=message, author=author)
+            new = creation.from_config(
+                source, seed=seed, message=message, author=author, limits=self._inputs
+            )
         # The id is reserved on this worker too: a call cancelled before it starts holds nothing.
         return self._host.create(model_id, new)
 
@@ -123,32 +158,45 @@ class ModelOperations:
         check_upload_size(
             size_bytes, self._limits.max_upload_bytes, field="header.size_bytes", what="`.keras` file"
         )
-        model_id = await self._blocking(self._host.reserve, model_id, "header.model_id")
+        model_id = access.require_creatable(model_id, "header.model_id")
+        # Released even when the call is cancelled while the reservation runs.
+        model_id = await claim(
+            self._blocking.executor,
+            functools.partial(self._host.reserve, model_id, "header.model_id"),
+            self._host.release,
+        )
         path = self._host.store.tmp_dir / f"upload-{model_id}-{uuid.uuid4().hex}.keras"
         try:
             await receive_file(path, size_bytes, chunks, self._blocking.executor)
         except BaseException:
             self._host.release(model_id)
             raise
-        new = creation.from_upload(path, message=message, author=author)
+        new = creation.from_upload(path, message=message, author=author, limits=self._inputs)
+
+        def done() -> None:
+            self._host.release(model_id)
+            remove_later(self._blocking.executor, path)  # the build removes it; this is for one never run
+
         # Released when the worker is done, or at once if the call is cancelled before it starts.
-        return await self._blocking.then(
-            lambda: self._host.release(model_id), self._host.create, model_id, new, reserved=True
-        )
+        return await self._blocking.then(done, self._host.create, model_id, new, reserved=True)
 
     async def get(self, model_id: str) -> ModelInfo:
+        access.require_model(model_id)
         return await self._blocking(self._host.describe, model_id)
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[ModelInfo], str]:
-        return await self._blocking(self._host.list, page_size, page_token)
+        """One page of the models the caller may see (filtered before paging: pages stay full)."""
+        return await self._blocking(self._host.list, page_size, page_token, access.current().may_see)
 
     async def delete(self, model_id: str) -> None:
+        access.require_model(model_id)
         await self._blocking(self._host.delete, model_id)
 
     async def export(
         self, model_id: str, revision: int, file_format: ExportFormat
     ) -> AsyncIterator[tuple[bytes, int, int]]:
         """The exported file as `(chunk, total size, revision)`; the file is removed afterwards."""
+        access.require_model(model_id)
         path, number = await self._blocking(self._write_export, model_id, revision, file_format)
         handle = None
         try:
@@ -171,24 +219,39 @@ class ModelOperations:
     async def predict(
         self, model_id: str, inputs: Sequence[tuple[str, np.ndarray]], output_layers: Sequence[str]
     ) -> Prediction:
+        access.require_model(model_id)
+
         def run(resident: ResidentModel) -> Prediction:
             return Prediction(*inference.predict(resident, inputs, output_layers))
 
         return await self._blocking(self._host.run, model_id, run)
 
     async def server_info(self) -> ServerInfo:
-        return await self._blocking(self._server_info)
+        """The server's versions, devices (with the models the caller may see), limits and security."""
+        return await self._blocking(self._server_info, access.current())
 
-    def _server_info(self) -> ServerInfo:
+    def _server_info(self, caller: access.Caller) -> ServerInfo:
         import keras
         import tensorflow as tf
 
         devices = self._host.devices
         placed = self._host.placements()
+        budgets = self._host.memory_budgets()
+        resident = self._host.resident_bytes()
         described = []
         for device in devices.devices:
             used, total = devices.memory(device)
-            described.append(DeviceUsage(device, used, total, placed.get(device.name, [])))
+            visible = [m for m in placed.get(device.name, []) if caller.may_see(m)]
+            described.append(
+                DeviceUsage(
+                    device,
+                    used,
+                    total,
+                    visible,
+                    memory_budget_bytes=budgets.get(device.name, 0),
+                    resident_bytes=resident.get(device.name, 0),
+                )
+            )
         return ServerInfo(
             version=__version__,
             tensorflow_version=tf.__version__,
@@ -196,6 +259,9 @@ class ModelOperations:
             devices=described,
             limits=self._limits,
             catalog_architectures=architecture.catalog_names(),
+            security=SecurityInfo(
+                self._security, caller.owner, sorted(caller.scopes), list(caller.model_patterns)
+            ),
         )
 
     async def evaluate(
@@ -210,6 +276,10 @@ class ModelOperations:
         split: DatasetSplit,
         rescale: float | None,
     ) -> Evaluation:
+        caller = access.current()
+        access.require_model(model_id, caller=caller)
+        if caller.authenticated:  # the dataset must be the caller's own
+            access.require_dataset_owner(dataset_id, self._datasets.get(dataset_id).owner, caller=caller)
         return await self._blocking(
             evaluate,
             self._host,

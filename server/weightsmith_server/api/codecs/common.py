@@ -73,6 +73,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain Python values."""
-    return _plain(json_format.MessageToDict(message))
+def struct(message: struct_pb2.Struct, *, field: str) -> dict[str, Any]:
+    """A Struct as plain Python values; NaN and infinities (JSON has none) are INVALID_ARGUMENT."""
+    try:
+        return _plain(json_format.MessageToDict(message))
+    except ValueError:
+        raise InvalidArgument(
+            f"Received NaN or infinity in `{field}`; its numbers must be finite.",
+            reason="NOT_FINITE",
+            field=field,
+        ) from None

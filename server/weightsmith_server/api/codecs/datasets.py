@@ -76,6 +76,7 @@ def dataset(info: DatasetInfo, used_by: list[str]) -> dataset_pb2.Dataset:
         size_bytes=info.size_bytes,
         create_time=timestamp(info.create_time),
         used_by_jobs=used_by,
+        owner=info.owner,
     )
 
 

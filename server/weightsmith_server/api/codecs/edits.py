@@ -77,7 +77,8 @@ def _edit(edit: edits_pb2.Edit) -> EditOp:
     if kind == "clip":
         return Clip(selector(op.selector), _optional(op, "min"), _optional(op, "max"))
     if kind == "reinitialize":
-        return Reinitialize(selector(op.selector), op.initializer, struct(op.config), _optional(op, "seed"))
+        config = struct(op.config, field="config")
+        return Reinitialize(selector(op.selector), op.initializer, config, _optional(op, "seed"))
     if kind == "set_trainable":
         return SetTrainable(selector(op.selector), op.trainable)
     if kind == "prune":
@@ -101,7 +102,10 @@ def _edit(edit: edits_pb2.Edit) -> EditOp:
     if kind == "copy_from":
         return CopyFrom(_optional_selector(op), op.source_model_id, op.source_revision)
     if kind == "replace_head":
-        layers = tuple(LayerToAppend(spec.class_name, struct(spec.config)) for spec in op.layers)
+        layers = tuple(
+            LayerToAppend(spec.class_name, struct(spec.config, field=f"layers[{i}].config"))
+            for i, spec in enumerate(op.layers)
+        )
         return ReplaceHead(op.cut_at_layer, layers, _optional(op, "seed"))
     raise InvalidArgument(
         "Received an edit with no operation this server knows; set one of the `op` fields "

@@ -181,6 +181,7 @@ def training_spec(message: job_pb2.JobSpec) -> TrainingSpec:
         else None,
         checkpoint_every_epochs=message.checkpoint_every_epochs,
         progress_every_steps=message.progress_every_steps,
+        checkpoint_every_steps=message.checkpoint_every_steps,
         seed=message.seed if message.HasField("seed") else None,
         preprocessing=_preprocessing(message.preprocessing),
         mixed_precision=message.mixed_precision,
@@ -263,6 +264,7 @@ def job_spec(spec: TrainingSpec) -> job_pb2.JobSpec:
         trainable=_trainable_message(spec),
         checkpoint_every_epochs=spec.checkpoint_every_epochs,
         progress_every_steps=spec.progress_every_steps,
+        checkpoint_every_steps=spec.checkpoint_every_steps,
         seed=spec.seed,
         preprocessing=_preprocessing_message(spec.preprocessing),
         mixed_precision=spec.mixed_precision,
@@ -289,6 +291,7 @@ def job(record: JobRecord, last_sequence: int) -> job_pb2.Job:
         step=record.step,
         last_sequence=last_sequence,
         base_revision=record.base_revision,
+        owner=record.owner,
     )
     if record.start_time:
         message.start_time.CopyFrom(timestamp(record.start_time))

@@ -13,7 +13,7 @@ from weightsmith_server.models import architecture
 from weightsmith_server.models.creation import ModelSource
 from weightsmith_server.models.description import ModelInfo
 from weightsmith_server.models.export import ExportFormat
-from weightsmith_server.operations.models import Prediction, ServerInfo
+from weightsmith_server.operations.models import Prediction, SecurityInfo, ServerInfo
 
 MODEL_SOURCES = EnumTable(
     model_pb2.ModelSource,
@@ -71,6 +71,7 @@ def model(info: ModelInfo) -> model_pb2.Model:
         ],
         create_time=timestamp(info.create_time),
         update_time=timestamp(info.update_time),
+        resident=info.resident,
     )
 
 
@@ -133,6 +134,8 @@ def server_info(info: ServerInfo) -> model_service_pb2.GetServerInfoResponse:
                 memory_total_bytes=usage.memory_total_bytes,
                 model_ids=usage.model_ids,
                 memory_growth=usage.device.memory_growth,
+                memory_budget_bytes=usage.memory_budget_bytes,
+                resident_bytes=usage.resident_bytes,
             )
             for usage in info.devices
         ],
@@ -152,6 +155,20 @@ def server_info(info: ServerInfo) -> model_service_pb2.GetServerInfoResponse:
             max_error_bytes=info.limits.max_error_bytes,
         ),
         catalog_architectures=info.catalog_architectures,
+        security=_security(info.security),
+    )
+
+
+def _security(security: SecurityInfo | None) -> model_service_pb2.SecurityInfo | None:
+    if security is None:
+        return None
+    return model_service_pb2.SecurityInfo(
+        authentication=security.settings.authentication,
+        tls=security.settings.tls,
+        client_certificates=security.settings.client_certificates,
+        principal=security.principal,
+        scopes=security.scopes,
+        model_patterns=security.model_patterns,
     )
 
 
