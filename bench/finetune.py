@@ -15,15 +15,18 @@ this process. Both sides train the same workload:
   server's `rebuild` does the same). The in-process initial weights are
   checked bit-identical to the server's (`read_weights`) and assigned from
   them regardless, so both sides start from exactly the same values (the
-  final training losses printed below agree);
+  final losses printed below differ in their last digits: for exact resume
+  the job orders each epoch's batches by a shuffle seeded with (seed,
+  epoch), where the in-process pipeline reshuffles one dataset);
 - training: adam 1e-3, `sparse_categorical_crossentropy`, metrics
   `accuracy`, batch size 64, `--epochs` (default 3) epochs, seed 0; the job
-  gets `preprocessing(rescale=1/16)`. Input pipeline: the server's
-  `training.pipeline` casts and rescales, then caches the prepared
-  examples (they fit its 1 GiB budget):
+  gets `preprocessing(rescale=1/16)`. Input pipeline: the job casts and
+  rescales, then caches the prepared examples (they fit its 1 GiB budget),
+  and each epoch shuffles them with a seed of its own (see
+  `jobs/training.py`). The in-process pipeline:
   `map(cast to float32, Rescaling(1/16)).cache().shuffle(16384, seed=0,
-  reshuffle_each_iteration=True).batch(64).prefetch(AUTOTUNE)`. The
-  in-process pipeline is the same by default (`--inprocess-pipeline
+  reshuffle_each_iteration=True).batch(64).prefetch(AUTOTUNE)`, the same
+  work per example by default (`--inprocess-pipeline
   map-cache`), so the ratio measures the job machinery, not a pipeline
   choice; `--inprocess-pipeline cache-map` caches the raw examples and
   casts every epoch instead.
