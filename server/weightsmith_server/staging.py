@@ -16,11 +16,12 @@ shortly after streams end, at most once per `TRIM_INTERVAL`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from weightsmith_server.errors import ResourceExhausted
@@ -122,6 +123,54 @@ def stream_slots(limit: int) -> Budget:
         describe="concurrent write and upload streams",
         hint="Retry when one has finished (--max-write-streams).",
     )
+
+
+class StreamSlots:
+    """The concurrent write and upload streams: `limit` in all, and at most half of them (at least
+    one) per authenticated principal, so that no principal can hold every slot for an hour.
+
+    Without authentication every caller is the same anonymous one: only the total applies.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.total = stream_slots(limit)
+        self.per_principal = max(1, limit // 2)
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, principal: str | None) -> Iterator[None]:
+        """One slot for the block, counted for `principal` (None: not authenticated)."""
+        if principal is not None:
+            self._take(principal)
+        try:
+            with self.total.acquire(1):
+                yield
+        finally:
+            if principal is not None:
+                with self._lock:
+                    self._held[principal] -= 1
+                    if not self._held[principal]:
+                        del self._held[principal]
+
+    def _take(self, principal: str) -> None:
+        with self._lock:
+            held = self._held.get(principal, 0)
+            if held < self.per_principal:
+                self._held[principal] = held + 1
+                return
+        raise ResourceExhausted(
+            f"Principal {principal!r} holds {held} of the {self.total.limit} concurrent write and "
+            f"upload streams, the most one principal may hold. Retry when one has finished "
+            f"(--max-write-streams; a principal gets half of them).",
+            reason="TOO_MANY_STREAMS",
+            metadata={
+                "requested": "1",
+                "held": str(held),
+                "limit": str(self.per_principal),
+                "principal": principal,
+            },
+        )
 
 
 def staging_memory(limit_bytes: int) -> Budget:

@@ -13,7 +13,7 @@ import pytest
 
 from weightsmith_server.errors import AlreadyExists, ResourceExhausted
 from weightsmith_server.resources import ResourceTable
-from weightsmith_server.staging import staging_memory, stream_slots
+from weightsmith_server.staging import StreamSlots, staging_memory, stream_slots
 from weightsmith_server.store import Store
 
 
@@ -45,6 +45,25 @@ def test_stream_slots_are_returned_by_the_with_block_even_on_failure() -> None:
     with pytest.raises(RuntimeError), slots.acquire(1):
         raise RuntimeError("the stream failed")
     assert slots.held == 0
+
+
+def test_one_principal_holds_at_most_half_the_stream_slots() -> None:
+    """A principal cannot starve the others; without authentication only the total applies."""
+    slots = StreamSlots(4)
+    with slots.hold("alice"), slots.hold("alice"):
+        with pytest.raises(ResourceExhausted) as caught, slots.hold("alice"):
+            pass
+        assert caught.value.reason == "TOO_MANY_STREAMS"
+        assert caught.value.metadata["principal"] == "alice"
+        assert caught.value.metadata["limit"] == "2"
+        assert slots.total.held == 2  # the refused one took nothing
+        with slots.hold("bob"), slots.hold("bob"), pytest.raises(ResourceExhausted), slots.hold(None):
+            pass  # the total (4) is full
+    assert slots.total.held == 0
+    with slots.hold("alice"), slots.hold("alice"):
+        pass  # alice's slots came back
+    with slots.hold(None), slots.hold(None), slots.hold(None), slots.hold(None):
+        assert slots.total.held == 4
 
 
 def test_a_budget_holds_under_concurrent_acquire_and_release() -> None:

@@ -32,12 +32,12 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from weightsmith_server import metrics
+from weightsmith_server import access, metrics
 from weightsmith_server.api.limits import RequestLimits
 from weightsmith_server.api.status import internal_status, to_status
 from weightsmith_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, WeightsmithError
 from weightsmith_server.limits import excerpt
-from weightsmith_server.staging import Budget, stream_slots, trim_soon
+from weightsmith_server.staging import StreamSlots, trim_soon
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +228,16 @@ async def _handled(context: grpc.aio.ServicerContext, method: str) -> AsyncItera
 
 
 @contextlib.contextmanager
-def _stream_slot(slots: Budget | None) -> Iterator[None]:
-    """One of the concurrent client-stream slots (none for other calls); freed memory returned after."""
+def _stream_slot(slots: StreamSlots | None) -> Iterator[None]:
+    """One of the concurrent client-stream slots (none for other calls); freed memory returned after.
+
+    Runs inside `AuthInterceptor`, so the slot counts for the call's principal.
+    """
     if slots is None:
         yield
         return
-    with slots.acquire(1):
+    caller = access.current()
+    with slots.hold(caller.name if caller.authenticated else None):
         try:
             yield
         finally:
@@ -244,7 +248,7 @@ def _unary_response(
     behavior: Callable[..., Awaitable[Any]],
     method: str,
     check: Callable[[Any], Any],
-    slots: Budget | None = None,
+    slots: StreamSlots | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _handled(context, method):
@@ -258,7 +262,7 @@ def _stream_response(
     behavior: Callable[..., AsyncIterator[Any]],
     method: str,
     check: Callable[[Any], Any],
-    slots: Budget | None = None,
+    slots: StreamSlots | None = None,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _handled(context, method):
@@ -293,7 +297,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._limit = max_message_bytes
         self._strings = request_limits or RequestLimits()
         self._timeouts = StreamTimeouts(stream_idle_seconds, stream_deadline_seconds)
-        self.stream_slots = stream_slots(max_write_streams)
+        self.stream_slots = StreamSlots(max_write_streams)
 
     async def intercept_service(
         self,
