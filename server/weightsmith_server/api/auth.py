@@ -22,7 +22,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from weightsmith_server import access
 from weightsmith_server.access import Caller
-from weightsmith_server.api.interceptors import abort_with
+from weightsmith_server.api.interceptors import abort_with, rebuilt
 from weightsmith_server.errors import PermissionDenied, Unauthenticated
 from weightsmith_server.principals import PrincipalTable
 
@@ -202,22 +202,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 raise  # not reached: abort_with ends the call
             return caller
 
-        options = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary_response(handler.unary_unary, authorize), **options
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary_response(handler.stream_unary, authorize), **options
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _stream_response(handler.unary_stream, authorize), **options
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _stream_response(handler.stream_stream, authorize), **options
-        )
+        def wrap(behavior: Callable[..., Any], _request_streaming: bool, response_streaming: bool) -> Any:
+            return (_stream_response if response_streaming else _unary_response)(behavior, authorize)
+
+        return rebuilt(handler, wrap)

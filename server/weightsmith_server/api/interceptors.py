@@ -277,6 +277,34 @@ def _stream_response(
     return handle
 
 
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def rebuilt(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Callable[..., Any], bool, bool], Callable[..., Any]],
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """`handler` with its behavior replaced by `wrap(behavior, request_streaming, response_streaming)`.
+
+    The one place an interceptor rebuilds a handler of any of the four rpc
+    kinds; `request_deserializer` replaces the handler's own when given.
+    """
+    kind = (handler.request_streaming, handler.response_streaming)
+    behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    return _HANDLER_FACTORIES[kind](
+        wrap(behavior, *kind),
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions to statuses, refuses oversized messages, records metrics.
 
@@ -309,28 +337,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         limit = self._limit
-        options = {
-            "request_deserializer": _limited(handler.request_deserializer, limit),
-            "response_serializer": handler.response_serializer,
-        }
         strings = self._strings
         one = lambda request: _checked(request, limit, strings)  # noqa: E731
         timeouts, slots = self._timeouts, self.stream_slots
         many = lambda requests: _checked_stream(  # noqa: E731
             requests, limit, timeouts, time.monotonic() + timeouts.deadline_seconds, strings
         )
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary_response(handler.unary_unary, method, one), **options
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary_response(handler.stream_unary, method, many, slots), **options
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _stream_response(handler.unary_stream, method, one), **options
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _stream_response(handler.stream_stream, method, many, slots), **options
-        )
+
+        def wrap(behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool) -> Any:
+            respond = _stream_response if response_streaming else _unary_response
+            if request_streaming:
+                return respond(behavior, method, many, slots)
+            return respond(behavior, method, one)
+
+        return rebuilt(handler, wrap, request_deserializer=_limited(handler.request_deserializer, limit))

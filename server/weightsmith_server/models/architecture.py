@@ -117,6 +117,21 @@ def _require_built(model: Any, field: str) -> Any:
     return model
 
 
+def _catalog_arguments(spec: CatalogSpec, weights_path: Path | None) -> dict[str, Any]:
+    """The `keras.applications` constructor's arguments for the spec."""
+    kwargs: dict[str, Any] = {
+        "weights": str(weights_path) if weights_path else None,
+        "include_top": spec.include_top,
+        "input_shape": spec.input_shape,
+        "pooling": spec.pooling,
+    }
+    if spec.include_top:
+        kwargs["classes"] = spec.classes
+    if spec.classifier_activation:
+        kwargs["classifier_activation"] = spec.classifier_activation
+    return kwargs
+
+
 def build_from_catalog(spec: CatalogSpec, *, seed: int | None, device: str, weights_path: Path | None) -> Any:
     """Build a catalog architecture on `device`, never downloading anything.
 
@@ -133,16 +148,7 @@ def build_from_catalog(spec: CatalogSpec, *, seed: int | None, device: str, weig
             reason="UNKNOWN_ARCHITECTURE",
             field="catalog.name",
         )
-    kwargs: dict[str, Any] = {
-        "weights": str(weights_path) if weights_path else None,
-        "include_top": spec.include_top,
-        "input_shape": spec.input_shape,
-        "pooling": spec.pooling,
-    }
-    if spec.include_top:
-        kwargs["classes"] = spec.classes
-    if spec.classifier_activation:
-        kwargs["classifier_activation"] = spec.classifier_activation
+    kwargs = _catalog_arguments(spec, weights_path)
     constructor = getattr(keras.applications, spec.name)
     with _BUILD_LOCK, tf.device(device):
         if seed is not None:
@@ -292,16 +298,8 @@ def catalog_declared_bytes(spec: CatalogSpec) -> int:
 
     if spec.name not in catalog_names():
         return 0
-    kwargs: dict[str, Any] = {
-        "weights": None,
-        "include_top": spec.include_top,
-        "input_shape": spec.input_shape,
-        "pooling": spec.pooling,
-    }
-    if spec.include_top:
-        kwargs["classes"] = spec.classes
     constructor = getattr(keras.applications, spec.name)
-    return declared_bytes(lambda: constructor(**kwargs))
+    return declared_bytes(lambda: constructor(**_catalog_arguments(spec, None)))
 
 
 def rebuild(config_json: str, *, device: str, seed: int | None = None) -> Any:
