@@ -45,11 +45,16 @@ lint: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-## bench: weight transfer vs raw gRPC; edit latency vs in-process; fine-tuning job vs model.fit
+## bench: every figure of docs/benchmarks.md (predict, edits, store, transfer, fine-tuning, memory, restart), each against its baseline; writes bench/results/*.json and the report
 bench: $(STAMP)
-	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/edits.py
+	$(BIN)/python bench/store.py
+	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/restart.py
+	$(BIN)/python bench/report.py
 
 ## demo: run the quickstart example against a server started for the purpose
 demo: $(STAMP)

@@ -6,8 +6,10 @@ temporary store, waits until health says SERVING, and stops it at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,3 +79,58 @@ def timed(function: Callable[..., Any], *args: Any) -> float:
     elapsed = time.perf_counter() - started
     del result
     return elapsed
+
+
+# --- figures: what every benchmark reports, and what `report.py` tabulates -----------------
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def spread(samples: list[float]) -> dict[str, float]:
+    """Median, min and max of a list of samples (ratios, milliseconds, bytes)."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def ratios(numerators: list[float], denominators: list[float]) -> list[float]:
+    """Per-round ratios of two sides measured in alternating rounds."""
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
+
+
+def figure(
+    name: str,
+    value: dict[str, float],
+    *,
+    unit: str,
+    goal: str,
+    met: bool,
+    detail: str = "",
+) -> dict[str, Any]:
+    """One row of the report: a measured figure against its goal.
+
+    `name` is the row's label in docs/benchmarks.md (the issue's wording);
+    `value` is `spread(...)` of the per-round figure (a ratio, or an absolute
+    unit where the goal is absolute); `unit` is "ratio", "ms", "s" or "bytes";
+    `goal` the goal as text (e.g. "≥ 0.9", "≤ in-process + 1 ms");
+    `detail` the medians behind a ratio (e.g. "93.1 ms vs 8.0 ms").
+    """
+    return {"figure": name, "value": value, "unit": unit, "goal": goal, "met": bool(met), "detail": detail}
+
+
+def write_results(
+    bench: str, figures: list[dict[str, Any]], raw: dict[str, Any], seconds: float, note: str = ""
+) -> Path:
+    """Write `bench/results/<bench>.json`: the figures for the report, raw samples, run time, a note.
+
+    `note` (optional) is one sentence for the report's notes: a bound a
+    profile showed, a fallback taken.
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{bench}.json"
+    path.write_text(
+        json.dumps(
+            {"bench": bench, "seconds": seconds, "note": note, "figures": figures, "raw": raw}, indent=1
+        )
+        + "\n"
+    )
+    print(f"wrote {path}")
+    return path
