@@ -83,7 +83,8 @@ def timed(function: Callable[..., Any], *args: Any) -> float:
 
 # --- figures: what every benchmark reports, and what `report.py` tabulates -----------------
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# `WEIGHTSMITH_BENCH_RESULTS` sends a run elsewhere (bench/gpu.sh keeps GPU figures apart).
+RESULTS = Path(os.environ.get("WEIGHTSMITH_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def spread(samples: list[float]) -> dict[str, float]:

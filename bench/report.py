@@ -97,8 +97,8 @@ def _number(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def render(runs: list[dict[str, Any]], host: dict[str, Any]) -> str:
-    """The markdown report."""
+def render(runs: list[dict[str, Any]], host: dict[str, Any], note: str = "") -> str:
+    """The markdown report; `note` (e.g. a fallback taken) goes first among the notes."""
     gpus = ", ".join(host["gpus"]) or "none (TensorFlow on the CPU)"
     versions = ", ".join(f"{name} {version}" for name, version in host["versions"].items())
     lines = [
@@ -129,7 +129,7 @@ def render(runs: list[dict[str, Any]], host: dict[str, Any]) -> str:
             met = "yes" if row["met"] else "**no**"
             lines.append(f"| {row['figure']} | {measured} | {row['detail']} | {row['goal']} | {met} |")
     lines += ["", f"Benchmarks ran for {total / 60:.1f} minutes in all.", ""]
-    notes = [run["note"] for run in runs if run.get("note")]
+    notes = ([note] if note else []) + [run["note"] for run in runs if run.get("note")]
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)
@@ -141,12 +141,13 @@ def main() -> None:
     )
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--output", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    parser.add_argument("--note", default="", help="a sentence for the notes, e.g. the fallback taken")
     args = parser.parse_args()
     runs = _load(args.results)
     if not runs:
         sys.exit(f"no results in {args.results}; run the benchmarks first (make bench)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(runs, machine()))
+    args.output.write_text(render(runs, machine(), args.note))
     print(f"wrote {args.output}")
 
 

@@ -21,6 +21,7 @@ from weightsmith._types import PredictResult, SelectorLike, selector_to_proto
 from weightsmith.v1 import (
     edits_pb2,
     job_pb2,
+    model_pb2,
     model_service_pb2,
     tensor_pb2,
     training_service_pb2,
@@ -28,6 +29,10 @@ from weightsmith.v1 import (
 )
 
 PredictInputs: TypeAlias = np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray]
+# A Predict batching policy: the message, or a dict with `max_batch_size` and/or
+# `max_wait_seconds` (a None value: the server's default).
+BatchingLike: TypeAlias = model_pb2.BatchingPolicy | Mapping[str, float | None]
+_BATCHING_FIELDS = ("max_batch_size", "max_wait_seconds")
 
 _POOLING = {
     None: model_service_pb2.POOLING_UNSPECIFIED,
@@ -36,6 +41,45 @@ _POOLING = {
 }
 
 # --- ModelService -------------------------------------------------------------------
+
+
+def batching_policy(batching: BatchingLike) -> tuple[model_pb2.BatchingPolicy, list[str]]:
+    """The policy message and the fields it names (a dict's keys; a message's set fields).
+
+    Only types are checked here; the server checks the ranges (`max_batch_size`
+    1 to 65536, `max_wait_seconds` 0 to 1) and names the field it refuses.
+    """
+    if isinstance(batching, model_pb2.BatchingPolicy):
+        return batching, [f for f in _BATCHING_FIELDS if batching.HasField(f)]
+    if not isinstance(batching, Mapping):
+        raise TypeError(
+            f"Received an invalid `batching`, expected a BatchingPolicy or a dict with "
+            f"{' and/or '.join(_BATCHING_FIELDS)}. Received: {type(batching).__name__}"
+        )
+    unknown = sorted(set(batching) - set(_BATCHING_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"Received unknown `batching` keys {unknown}, expected {' and/or '.join(_BATCHING_FIELDS)}."
+        )
+    policy = model_pb2.BatchingPolicy()
+    size, wait = batching.get("max_batch_size"), batching.get("max_wait_seconds")
+    if size is not None:
+        policy.max_batch_size = _checks.integer("batching['max_batch_size']", size, 1, _checks.INT32_MAX)
+    if wait is not None:
+        policy.max_wait_seconds = _checks.number("batching['max_wait_seconds']", wait)
+    return policy, [f for f in _BATCHING_FIELDS if f in batching]
+
+
+def update_model(model_id: str, batching: BatchingLike) -> model_service_pb2.UpdateModelRequest:
+    """An UpdateModel request whose mask names exactly the fields given (None values: back to default)."""
+    policy, fields = batching_policy(batching)
+    if not fields:
+        raise ValueError(
+            "Received a `batching` with no field, expected max_batch_size and/or max_wait_seconds."
+        )
+    request = model_service_pb2.UpdateModelRequest(model_id=model_id, batching=policy)
+    request.update_mask.paths.extend(f"batching.{f}" for f in fields)
+    return request
 
 
 def _keras_config_json(keras_config: str | Mapping[str, Any], catalog_options: Mapping[str, bool]) -> str:
@@ -68,6 +112,7 @@ def create_model(
     keras_config: str | Mapping[str, Any] | None,
     seed: int | None,
     message: str,
+    batching: BatchingLike | None = None,
 ) -> model_service_pb2.CreateModelRequest:
     """Build a CreateModel request from exactly one of a catalog architecture or a Keras config."""
     if (architecture is None) == (keras_config is None):
@@ -78,6 +123,8 @@ def create_model(
             f"(`model.to_json()` or its dict)."
         )
     request = model_service_pb2.CreateModelRequest(model_id=model_id, message=message)
+    if batching is not None:
+        request.batching.CopyFrom(batching_policy(batching)[0])
     if seed is not None:
         request.seed = _checks.integer("seed", seed, _checks.INT64_MIN, _checks.INT64_MAX)
     if keras_config is not None:

@@ -10,20 +10,25 @@ on the wire stay plain protobuf.
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, TypeAlias
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import numpy as np
 
-from weightsmith import _checks, wire
+from weightsmith import _checks, wire, zerocopy
 from weightsmith.errors import DataLossError
 from weightsmith.v1 import model_service_pb2, weight_service_pb2
 
+T = TypeVar("T")
 WriteWeightsMessage: TypeAlias = weight_service_pb2.WriteWeightsRequest | bytes
 
 # Copies received chunks into their arrays while the stream goes on receiving.
 COPIER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightsmith-copy")
+# Received chunks a read may have waiting for COPIER: beyond this the receiving thread waits for a
+# copy (flow control then slows the server) instead of piling up messages in memory.
+COPY_BACKLOG = 8
 
 
 def malformed(what: str, problem: object) -> DataLossError:
@@ -63,11 +68,68 @@ def parse_read_weights_response(data: bytes) -> ReadWeightsMessage:
     return ReadWeightsMessage(chunk, revision)
 
 
+class _BoundedCopier(Executor):
+    """COPIER, with at most `COPY_BACKLOG` of one read's chunks queued or being copied."""
+
+    def __init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(COPY_BACKLOG)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        self._slots.acquire()
+        try:
+            future = COPIER.submit(fn, *args, **kwargs)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
+
+
+class _Destinations(Mapping[str, np.ndarray]):
+    """The assembler's `out`: the caller's arrays, else one allocated as its header arrives.
+
+    The new array comes from `zerocopy.empty` (a mapping reused from the pool
+    of freed ones where one of its size is kept) instead of the assembler's
+    `np.empty`.
+    """
+
+    def __init__(self, out: Mapping[str, np.ndarray] | None) -> None:
+        self._out = out or {}
+        self._name = ""
+        self._fresh: np.ndarray | None = None
+
+    def prepare(self, chunk: wire.ChunkView) -> None:
+        """Allocate the array for a tensor's first chunk, unless the caller gave one."""
+        self._name, self._fresh = chunk.name, None
+        if chunk.name in self._out or any(d < 0 for d in chunk.shape):
+            return  # the assembler checks the caller's array, and refuses the shape
+        self._fresh = zerocopy.empty(chunk.shape, wire.numpy_dtype(chunk.dtype))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._out:
+            return self._out[name]
+        if name == self._name and self._fresh is not None:
+            return self._fresh
+        raise KeyError(name)
+
+    def __len__(self) -> int:
+        return len(self._out) + (self._fresh is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._out
+        if self._fresh is not None and self._name not in self._out:
+            yield self._name
+
+    def __bool__(self) -> bool:
+        return True  # the assembler keeps this object, not `out or {}`
+
+
 class WeightsReader:
     """Assembles a ReadWeights stream into arrays, in stream (model) order."""
 
     def __init__(self, out: Mapping[str, np.ndarray] | None = None) -> None:
-        self._assembler = wire.TensorAssembler(COPIER, out)
+        self._destinations = _Destinations(out)
+        self._assembler = wire.TensorAssembler(_BoundedCopier(), self._destinations)
         self.revision: int | None = None
 
     def add(self, message: ReadWeightsMessage | None) -> None:
@@ -83,6 +145,8 @@ class WeightsReader:
                 f"revision changed from {self.revision} to {message.revision} mid-stream",
             )
         try:
+            if message.chunk.name:
+                self._destinations.prepare(message.chunk)
             self._assembler.add(message.chunk)
         except wire.OutMismatchError:
             raise

@@ -34,7 +34,7 @@ from weightsmith._channel import (
     ClientSettings,
 )
 from weightsmith._datasets import DatasetSourceLike, FeatureSpecLike
-from weightsmith._requests import PredictInputs
+from weightsmith._requests import BatchingLike, PredictInputs
 from weightsmith._rpcs import Rpc
 from weightsmith._streams import COPIER, ExportReceiver, WeightsReader, partial_path, write_weights_messages
 from weightsmith._tls import TLS
@@ -228,6 +228,7 @@ class Client:
         keras_config: str | Mapping[str, Any] | None = None,
         seed: int | None = None,
         message: str = "",
+        batching: BatchingLike | None = None,
     ) -> model_pb2.Model:
         """Create a model and commit it as revision 1.
 
@@ -250,6 +251,10 @@ class Client:
             keras_config: A Keras model config, as a JSON string or a dict.
             seed: Initialization seed; the same seed gives identical weights.
             message: Recorded on revision 1.
+            batching: The model's Predict batching policy, a `BatchingPolicy`
+                or a dict with `max_batch_size` (1 turns batching off) and/or
+                `max_wait_seconds`; fields left out follow the server's
+                defaults. `Model.batching` reports the policy in effect.
 
         Returns:
             The created `Model`.
@@ -274,6 +279,7 @@ class Client:
             keras_config=keras_config,
             seed=seed,
             message=message,
+            batching=batching,
         )
         return self._send(_rpcs.CREATE_MODEL, request).model
 
@@ -284,6 +290,7 @@ class Client:
         *,
         message: str = "",
         chunk_size_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+        batching: BatchingLike | None = None,
     ) -> model_pb2.Model:
         """Upload a `.keras` file as a new model at revision 1.
 
@@ -295,6 +302,8 @@ class Client:
             model_id: The new id; the server picks one when empty.
             message: Recorded on revision 1.
             chunk_size_bytes: Bytes per streamed message.
+            batching: The model's Predict batching policy, as for
+                `create_model`.
 
         Returns:
             The uploaded `Model`.
@@ -306,6 +315,8 @@ class Client:
         ```
         """
         upload = model_upload(source, model_id, message)
+        if batching is not None:
+            upload.header.header.batching.CopyFrom(_requests.batching_policy(batching)[0])
         chunk_size = self._settings.upload_chunk_size(chunk_size_bytes)
         return self._upload(_rpcs.UPLOAD_MODEL, upload, chunk_size).model
 
@@ -352,6 +363,30 @@ class Client:
         ```
         """
         yield from self._paginate(self.list_models, "models", page_size=page_size)
+
+    def update_model(self, model_id: str, *, batching: BatchingLike) -> model_pb2.Model:
+        """Change a model's Predict batching policy, durably; no new revision.
+
+        Only the fields given change; a field given as None goes back to the
+        server's default (`--batch-max-size`, `--batch-wait-ms`).
+
+        Args:
+            model_id: The model's id.
+            batching: A dict with `max_batch_size` (1 to 65536; 1 turns
+                batching off) and/or `max_wait_seconds` (0 to 1), or a
+                `BatchingPolicy` (its set fields).
+
+        Returns:
+            The `Model`, whose `batching` is the policy now in effect.
+
+        Example:
+
+        ```python
+        model = client.update_model("tiny", batching={"max_batch_size": 1})
+        ```
+        """
+        request = _requests.update_model(model_id, batching)
+        return self._send(_rpcs.UPDATE_MODEL, request).model
 
     def delete_model(self, model_id: str) -> None:
         """Delete a model and its whole history.
@@ -525,7 +560,12 @@ class Client:
                 new arrays.
 
         Returns:
-            Arrays keyed by variable path, in the model's order.
+            Arrays keyed by variable path, in the model's order: writable
+            arrays the caller owns. On Linux a new array of 4 MiB or more
+            sits in its own mapping; once every array and view on it is
+            freed, the client keeps the mapping up to 30 s for a later
+            read's tensor of the same size, which then skips the cost of
+            fresh memory (`weightsmith.zerocopy`).
 
         Example:
 

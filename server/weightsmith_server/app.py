@@ -3,16 +3,28 @@
 `create_server(config)` returns a started server (tests bind port 0 and read
 the port back); `main()` is the `weightsmith-server` command, which also
 installs signal handlers for a graceful stop.
+
+Start-up does not wait for TensorFlow nor for the models. The server lists
+the stored models from their files, starts, and reports SERVING: it accepts
+every call. TensorFlow imports in a background thread meanwhile, then the
+stored models load in the background, most recently committed first, as the
+memory budget allows. A call that needs TensorFlow or a model not resident
+yet waits for them (its first call may take the model's load). The health
+service `weightsmith.models` says NOT_SERVING until that background restore
+is over, then SERVING; it names no model, so it stays open under auth.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 import signal
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,12 +47,14 @@ from weightsmith_server.devices import Devices
 from weightsmith_server.jobs.manager import JobManager
 from weightsmith_server.limits import InputLimits
 from weightsmith_server.models.local_host import LocalModelHost
+from weightsmith_server.models.warmup import WARM_UPS
 from weightsmith_server.operations.models import ModelOperations, SecuritySettings, ServerLimits
 from weightsmith_server.operations.training import TrainingOperations
 from weightsmith_server.operations.weights import WeightOperations
 from weightsmith_server.principals import PrincipalTable, principals_for
 from weightsmith_server.staging import staging_memory
 from weightsmith_server.store import Store
+from weightsmith_server.tf_import import BackgroundImport
 from weightsmith_server.workers import Blocking
 
 log = logging.getLogger("weightsmith_server")
@@ -48,6 +62,8 @@ log = logging.getLogger("weightsmith_server")
 SERVICE_NAMES = tuple(
     module.SERVICE.full_name for module in (model_servicer, weight_servicer, training_servicer)
 )
+# The health service that turns SERVING once the background restore of stored models is over.
+MODELS_HEALTH = "weightsmith.models"
 
 
 @dataclass
@@ -61,19 +77,29 @@ class RunningServer:
     executor: ThreadPoolExecutor
     jobs: JobManager
     principals: PrincipalTable | None = None
+    # The background restore of stored models (done: `weightsmith.models` is SERVING).
+    restored: asyncio.Future[None] | None = None
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting calls, let in-flight ones finish within `grace`, release.
 
         Running jobs stop at their next step and stay RUNNING: the next start
-        resumes them from their last checkpoint.
+        resumes them from their last checkpoint. The background restore stops
+        after the model it is loading, the background warm-up after the model
+        it is tracing.
         """
-        for name in ("", *SERVICE_NAMES):
+        self.stopping.set()
+        for name in ("", *SERVICE_NAMES, MODELS_HEALTH):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.restored is not None:
+            await asyncio.gather(self.restored, return_exceptions=True)
         stopping_jobs = asyncio.get_running_loop().run_in_executor(None, self.jobs.stop)
         await self.server.stop(grace)
         await stopping_jobs
         self.executor.shutdown(wait=True, cancel_futures=True)
+        # No trace may still run inside TensorFlow when the process finalizes.
+        await asyncio.get_running_loop().run_in_executor(None, WARM_UPS.stop)
         if self.principals is not None:
             self.principals.close()
 
@@ -109,6 +135,8 @@ def server_limits(config: Config) -> ServerLimits:
         max_write_streams=config.max_write_streams,
         max_staging_bytes=config.max_staging_bytes,
         max_error_bytes=MAX_ERROR_BYTES,
+        batch_max_size=config.batch_max_size,
+        batch_wait_ms=config.batch_wait_ms,
     )
 
 
@@ -165,18 +193,41 @@ def _service_handlers(
     )
 
 
-async def create_server(config: Config) -> RunningServer:
-    """Build, bind and start the server, restore the store, then report SERVING.
+async def _restore_in_background(
+    host: LocalModelHost, health_servicer: health.aio.HealthServicer, stopping: threading.Event
+) -> None:
+    """Load the stored models (see `LocalModelHost.restore_stored`), then `weightsmith.models` SERVING."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, host.restore_stored, stopping)
+    except Exception:
+        log.exception("the background restore failed; models load on their first use")
+        raise
+    if not stopping.is_set():
+        await health_servicer.set(MODELS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        log.info("background restore done: %d model(s) resident", sum(map(len, host.placements().values())))
 
-    Health stays NOT_SERVING until every stored model is resident again.
+
+async def create_server(config: Config) -> RunningServer:
+    """Build, bind and start the server, list the store, then report SERVING at once.
+
+    TensorFlow and the models load in the background (see the module's
+    docstring); `RunningServer.restored` completes when the models have.
     """
     principals = principals_for(config)  # refuses an exposed address without auth
     store = Store(config.store)
     hide_folder(store.root)
-    devices = Devices(config.device)
+    # Started once the server is SERVING, or earlier by the first call that needs it.
+    tensorflow = BackgroundImport(functools.partial(Devices, config.device))
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="weightsmith-work")
+    WARM_UPS.enabled = config.warm_up
     blocking = Blocking(executor)
-    host = LocalModelHost(store, devices, config.retain_revisions, config.memory_budget_bytes)
+    host = LocalModelHost(
+        store,
+        tensorflow.future,
+        config.retain_revisions,
+        config.memory_budget_bytes,
+        start_devices=tensorflow.start,
+    )
     datasets = DatasetStore(
         store.root,
         executor,
@@ -207,23 +258,27 @@ async def create_server(config: Config) -> RunningServer:
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    for name in ("", *SERVICE_NAMES):
+    for name in ("", *SERVICE_NAMES, MODELS_HEALTH):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = bind(server, config)
+    await blocking(host.index)  # no TensorFlow: the files of each stored model
     await server.start()
-    await blocking(host.restore)
     await blocking(datasets.restore)
+    # A RUNNING in-place job holds its model: that one model is loaded before SERVING.
     await blocking(jobs.restore)
     jobs.start()
     metrics.RESIDENT_MODELS.set_function(lambda: sum(len(ids) for ids in host.placements().values()))
     metrics.RESIDENT_BYTES.set_function(lambda: sum(host.resident_bytes().values()))
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    tensorflow.start()  # now, not before: its import would slow the start-up above down (the GIL)
     bound = config.address.rpartition(":")[0]
     log.info("weightsmith serving on %s:%d (store %s)", bound, port, store.root)
     if principals is not None:
         principals.watch()
-    return RunningServer(server, port, host, health_servicer, executor, jobs, principals)
+    running = RunningServer(server, port, host, health_servicer, executor, jobs, principals)
+    running.restored = asyncio.ensure_future(_restore_in_background(host, health_servicer, running.stopping))
+    return running
 
 
 async def serve(config: Config) -> None:
@@ -234,6 +289,16 @@ async def serve(config: Config) -> None:
         log.info("metrics on http://%s/metrics", config.metrics_address)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    failed: list[BaseException] = []
+
+    def devices_known(devices: Future[Devices]) -> None:
+        # A device policy this machine cannot meet (or TensorFlow failing) stops the server.
+        error = devices.exception()
+        if error is not None:
+            failed.append(error)
+            loop.call_soon_threadsafe(stopping.set)
+
+    running.host.devices_future.add_done_callback(devices_known)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     if running.principals is not None:  # SIGHUP reloads the principals file, off the event loop
@@ -242,6 +307,8 @@ async def serve(config: Config) -> None:
     log.info("shutting down: finishing in-flight calls (up to %.0fs)", config.grace_seconds)
     await running.stop(config.grace_seconds)
     log.info("stopped")
+    if failed:
+        raise failed[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

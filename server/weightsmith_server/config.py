@@ -50,6 +50,11 @@ class Config:
     max_write_streams: int = 16
     max_staging_mb: int = 4096
     memory_budget_mb: int = 0
+    # Dynamic batching of Predict (inference): the default policy of every model.
+    batch_max_size: int = 32
+    batch_wait_ms: float = 5.0
+    # Background warm-up of each installed model's compiled Predict (models/warmup.py).
+    warm_up: bool = True
 
     @property
     def max_message_bytes(self) -> int:
@@ -122,6 +127,21 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("max-write-streams", int, "concurrent WriteWeights and upload streams"),
     ("max-staging-mb", int, "memory held by in-flight writes and uploads together, in MiB"),
     ("memory-budget-mb", int, "memory per device for resident models, in MiB (0: automatic)"),
+    # Dynamic batching of Predict (inference).
+    ("batch-max-size", int, "rows concurrent Predicts on one model may be batched into (1: no batching)"),
+    (
+        "batch-wait-ms",
+        float,
+        "under load, how long a next Predict batch not yet full may wait for more calls, in ms "
+        "(also at most a quarter of the last batch's run time; a lone call never waits; 0: off)",
+    ),
+    # Background warm-up (models/warmup.py).
+    (
+        "warm-up",
+        bool,
+        "trace and run each installed model's compiled Predict once in the background, so the first "
+        "Predict does not (costs memory per resident model; --no-warm-up: the first Predict traces)",
+    ),
 )
 
 
@@ -182,6 +202,11 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     for name in ("stream_idle_seconds", "stream_deadline_seconds"):
         if getattr(config, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, received {getattr(config, name)}")
+    if config.batch_max_size < 1 or not 0 <= config.batch_wait_ms <= 1000:
+        parser.error(
+            f"--batch-max-size must be at least 1 and --batch-wait-ms 0 to 1000, received "
+            f"{config.batch_max_size} and {config.batch_wait_ms}"
+        )
     if config.memory_budget_mb < 0:
         parser.error(f"--memory-budget-mb must be 0 (automatic) or more, received {config.memory_budget_mb}")
     if bool(config.tls_cert) != bool(config.tls_key):

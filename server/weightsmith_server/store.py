@@ -8,14 +8,22 @@ Layout under the store root::
     models/<model_id>/
         model.json                 identity: architecture name, source, time
         revisions/<NNNNNN>/        one folder per committed revision
-            revision.json          author, time, message, kind, what changed
-            manifest.json          every variable: path, dtype, shape, file
+            revision.json          the record (author, time, message, kind, what
+                                   changed) and the manifest: full, or a delta
             architecture.json      the Keras model config, when it changed
-            tensors/<iiii>.npy     the values this revision wrote
+            tensors.safetensors    the small values this revision wrote, packed
+            <iiii>.safetensors     each large value it wrote, data 4096-aligned
 
-A manifest names, for every variable, the `.npy` file holding its value, which
-may belong to an earlier revision: a revision stores only what it changed,
-yet any revision restores exactly from its own manifest alone.
+A manifest names, for every variable, where its value lives (a file and the
+tensor's name in it, `NNNNNN/tensors.safetensors#dense/bias`), which may be
+an earlier revision's file: a revision stores only what it changed. Its
+`revision.json` holds a *delta* manifest (the parent's number and the changed
+entries) or, every `FULL_MANIFEST_EVERY` revisions, after an architecture
+change, or once a chain's entries pass the variable count, a *full* one; a
+revision's manifest resolves by walking back to the nearest full one.
+Tensor files are safetensors, readable by any framework. Layout "1" stores
+(a full pretty `manifest.json` per revision, `tensors/<iiii>.npy` files)
+still open; new revisions of their models are written as above.
 
 Commit protocol: everything is written and fsync'd in a staging folder, which
 is then renamed to its final name and the parent folder fsync'd. A crash at
@@ -32,84 +40,64 @@ without `model.json` was never committed and goes too.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from weightsmith_server.dtypes import numpy_dtype
+from weightsmith_server.durable import fsync_path, read_json, write_compact_json, write_json
+from weightsmith_server.manifests import (
+    ROW_FIELDS,
+    SAFETENSORS_SUFFIX,
+    Manifest,
+    VariableRecord,
+    apply_delta,
+    delta_rows,
+    full_payload,
+    record_of,
+)
 from weightsmith_server.revisions.record import RevisionRecord
+from weightsmith_server.tensor_files import (
+    HEADER_BYTES,
+    LARGE_TENSOR_BYTES,
+    PACKED_FILE,
+    PackedTensor,
+    TensorFileWriter,
+    TensorHeaders,
+    TensorWriter,
+    read_tensor,
+    write_packed,
+)
 from weightsmith_server.variables import VariableEntry
 
-_LAYOUT_VERSION = "1"
+__all__ = [
+    "FULL_MANIFEST_EVERY",
+    "HEADER_BYTES",
+    "LARGE_TENSOR_BYTES",
+    "Manifest",
+    "ModelRecord",
+    "StagedRevision",
+    "Store",
+    "TensorWriter",
+    "VariableRecord",
+    "fsync_path",
+    "read_json",
+    "write_json",
+]
+
+# "2": revision.json carries the manifest (full or delta), tensors are safetensors files.
+_LAYOUT_VERSION = 2
 _STAGING_PREFIX = ".staging-"
 # The folders of the store the server writes with scratch names (never `imports/`, the user's).
 _SCRATCH_TREES = ("models", "datasets", "jobs")
 
-
-def _storage_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype written into `.npy` files: numpy-native types only."""
-    return dtype if dtype.kind in "fiub" and dtype.name != "bfloat16" else np.dtype(f"<u{dtype.itemsize}")
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder, so that its content or entries are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON and fsync it; callers fsync the folder once all files are in."""
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-@dataclass(frozen=True)
-class VariableRecord:
-    """A manifest entry: one variable's identity and the file holding its value."""
-
-    path: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: str
-    layer: str
-    layer_index: int
-    trainable: bool
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
-
-    @property
-    def entry(self) -> VariableEntry:
-        return VariableEntry(self.path, self.layer, self.layer_index, self.trainable)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """Every variable of one revision, in model order, and the layer count."""
-
-    layer_count: int
-    variables: tuple[VariableRecord, ...]
-
-    def by_path(self) -> dict[str, VariableRecord]:
-        return {v.path: v for v in self.variables}
+# A full manifest at least every this many revisions, so a manifest resolves in a bounded number of reads.
+FULL_MANIFEST_EVERY = 32
 
 
 @dataclass(frozen=True)
@@ -122,103 +110,9 @@ class ModelRecord:
     create_time: str
 
 
-HEADER_BYTES = 4096
-
-
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """A `.npy` v1.0 header padded to 4096 bytes, so the data is block-aligned."""
-    fields = {
-        "descr": np.lib.format.dtype_to_descr(_storage_dtype(dtype)),
-        "fortran_order": False,
-        "shape": tuple(shape),
-    }
-    text = repr(fields).encode("latin1")
-    padding = HEADER_BYTES - len(np.lib.format.MAGIC_PREFIX) - 2 - 2 - len(text) - 1
-    return (
-        np.lib.format.MAGIC_PREFIX
-        + bytes([1, 0])
-        + (len(text) + padding + 1).to_bytes(2, "little")
-        + text
-        + b" " * padding
-        + b"\n"
-    )
-
-
-class TensorFileWriter:
-    """Writes one tensor's `.npy` file by byte ranges, then makes it durable.
-
-    Ranges that are 4096-byte aligned in memory, offset and length go through
-    an `O_DIRECT` descriptor when the file system allows it: they skip the
-    page cache, which on these machines is slower than the disk. Other
-    ranges (the tail, unaligned arrays) go through an ordinary descriptor.
-    """
-
-    def __init__(self, path: Path, record: VariableRecord, dtype: np.dtype) -> None:
-        self.record = record
-        self._path = path
-        self._buffered: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._direct: int | None = None
-        self._direct_tried = False
-        try:
-            _write_fully(self._buffered, memoryview(_npy_header(dtype, record.shape)), 0)
-        except BaseException:
-            self.discard()
-            raise
-
-    def _direct_fd(self) -> int | None:
-        """The `O_DIRECT` descriptor, opened on first use; None where unsupported."""
-        if not self._direct_tried:
-            self._direct_tried = True
-            flag = getattr(os, "O_DIRECT", 0)
-            if flag:
-                try:
-                    self._direct = os.open(self._path, os.O_WRONLY | flag)
-                except OSError:
-                    self._direct = None
-        return self._direct
-
-    def write_at(self, offset: int, data: memoryview) -> None:
-        """Write `data` at byte `offset` of the tensor (not of the file)."""
-        view = memoryview(data).cast("B")
-        position = HEADER_BYTES + offset
-        aligned = (
-            offset % 4096 == 0
-            and len(view) % 4096 == 0
-            and np.frombuffer(view, np.uint8).ctypes.data % 4096 == 0
-        )
-        direct = self._direct_fd() if aligned else None
-        if direct is not None:
-            try:
-                _write_fully(direct, view, position)
-                return
-            except OSError:  # e.g. a file system that accepts O_DIRECT but not these writes
-                os.close(direct)
-                self._direct = None
-        assert self._buffered is not None
-        _write_fully(self._buffered, view, position)
-
-    def close(self) -> None:
-        """fsync and close: the bytes are durable once this returns."""
-        try:
-            assert self._buffered is not None
-            os.fsync(self._buffered)
-        finally:
-            self.discard()
-
-    def discard(self) -> None:
-        """Close the descriptors (idempotent)."""
-        direct, buffered = self._direct, self._buffered
-        self._direct = self._buffered = None
-        for fd in (direct, buffered):
-            if fd is not None:
-                os.close(fd)
-
-
-def _write_fully(fd: int, view: memoryview, position: int) -> None:
-    while len(view):
-        written = os.pwrite(fd, view, position)
-        view = view[written:]
-        position += written
+def _is_staged(location: str) -> bool:
+    """Whether a manifest entry points into the revision being staged (no `NNNNNN/` folder yet)."""
+    return "/" not in location.partition("#")[0]
 
 
 class StagedRevision:
@@ -229,35 +123,44 @@ class StagedRevision:
         self.dir = revisions_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
         # No `parents`: a model deleted meanwhile must not be recreated here.
         self.dir.mkdir()
-        (self.dir / "tensors").mkdir()
         self._count = 0
+        self._packed: dict[str, PackedTensor] = {}
         self.renamed = False
         self.stored_bytes = 0
 
-    def _next_file(self) -> str:
-        name = f"tensors/{self._count:04d}.npy"
-        self._count += 1
-        return name
+    def open_tensor(self, entry: VariableEntry, dtype: np.dtype, shape: tuple[int, ...]) -> TensorWriter:
+        """Start a variable's value; the caller writes exactly its bytes, then closes the writer.
 
-    def open_tensor(self, entry: VariableEntry, dtype: np.dtype, shape: tuple[int, ...]) -> TensorFileWriter:
-        """Start a `.npy` file for a variable; the caller writes exactly its bytes."""
-        relative = self._next_file()
+        A large value gets its own file, written and fsync'd as it comes; a
+        small one is kept in memory and packed with the others at commit.
+        """
         record = VariableRecord(
             path=entry.path,
             dtype=dtype.name,
             shape=tuple(shape),
-            file=relative,
+            file="",
             layer=entry.layer,
             layer_index=entry.layer_index,
             trainable=entry.trainable,
         )
+        if record.nbytes >= LARGE_TENSOR_BYTES:
+            name = f"{self._count:04d}{SAFETENSORS_SUFFIX}"
+            self._count += 1
+            record = replace(record, file=f"{name}#{entry.path}")
+            writer: TensorWriter = TensorFileWriter(self.dir / name, record, dtype)
+        else:
+            if entry.path in self._packed:
+                raise ValueError(f"variable {entry.path!r} staged twice")
+            record = replace(record, file=f"{PACKED_FILE}#{entry.path}")
+            writer = self._packed[entry.path] = PackedTensor(record, dtype)
         self.stored_bytes += record.nbytes
-        return TensorFileWriter(self.dir / relative, record, dtype)
+        return writer
 
     def add_tensor(self, entry: VariableEntry, array: np.ndarray) -> VariableRecord:
-        """Write a whole array durably and return its (staged) manifest entry."""
+        """Write a whole array (durable at commit) and return its (staged) manifest entry."""
+        shape = np.shape(array)  # `ascontiguousarray` makes a 0-d array 1-d
         array = np.ascontiguousarray(array)
-        writer = self.open_tensor(entry, array.dtype, array.shape)
+        writer = self.open_tensor(entry, array.dtype, shape)
         if array.size:
             writer.write_at(0, memoryview(array.reshape(-1).view(np.uint8)))
         writer.close()
@@ -268,33 +171,62 @@ class StagedRevision:
         record: RevisionRecord,
         manifest: Manifest,
         architecture_json: str | None,
+        parent: Manifest | None = None,
     ) -> Manifest:
         """Make the revision durable and visible under its number.
 
         `manifest` mixes entries of earlier revisions (their `file` already
-        `NNNNNN/...`) and entries staged here (`tensors/...`), which get this
-        revision's folder prefixed; the committed manifest is returned. Once
-        `renamed` is set the revision exists, even if a later step fails.
+        `NNNNNN/...`) and entries staged here, which get this revision's
+        folder prefixed; the committed manifest is returned. With `parent`
+        (the previous revision's committed manifest) the revision stores a
+        delta manifest when it can. Once `renamed` is set the revision
+        exists, even if a later step fails.
         """
         folder = f"{record.revision:06d}"
-        committed = Manifest(
-            layer_count=manifest.layer_count,
-            variables=tuple(
-                replace(v, file=f"{folder}/{v.file}") if v.file.startswith("tensors/") else v
-                for v in manifest.variables
-            ),
+        variables = tuple(
+            replace(v, file=f"{folder}/{v.file}") if _is_staged(v.file) else v for v in manifest.variables
         )
-        write_json(
-            self.dir / "manifest.json",
-            {"layer_count": committed.layer_count, "variables": [asdict(v) for v in committed.variables]},
-        )
+        rows = None
+        if (
+            parent is not None
+            and architecture_json is None
+            and not record.architecture_changed
+            and parent.revision == record.revision - 1
+            and parent.layer_count == manifest.layer_count
+        ):
+            rows = delta_rows(parent, variables)
+        if (
+            rows is not None
+            and parent is not None
+            and parent.chain_depth + 1 < FULL_MANIFEST_EVERY
+            and parent.chain_entries + len(rows) <= len(variables)
+        ):
+            payload: dict[str, Any] = {
+                "kind": "delta",
+                "parent": parent.revision,
+                "layer_count": manifest.layer_count,
+                "count": len(variables),
+                "fields": ["index", *ROW_FIELDS],
+                "changed": rows,
+            }
+            committed = Manifest(
+                manifest.layer_count,
+                variables,
+                revision=record.revision,
+                chain_depth=parent.chain_depth + 1,
+                chain_entries=parent.chain_entries + len(rows),
+            )
+        else:
+            payload = full_payload(manifest.layer_count, variables)
+            committed = Manifest(manifest.layer_count, variables, revision=record.revision)
+        if self._packed:
+            write_packed(self.dir / PACKED_FILE, list(self._packed.values()))
         if architecture_json is not None:
             with open(self.dir / "architecture.json", "w", encoding="utf-8") as handle:
                 handle.write(architecture_json)
                 handle.flush()
                 os.fsync(handle.fileno())
-        write_json(self.dir / "revision.json", record.to_dict())
-        fsync_path(self.dir / "tensors")
+        write_compact_json(self.dir / "revision.json", record.to_dict() | {"manifest": payload})
         fsync_path(self.dir)
         os.rename(self.dir, self._revisions_dir / folder)
         self.renamed = True
@@ -323,7 +255,7 @@ def remove_entry(path: Path) -> None:
 def remove_scratch(folder: Path) -> None:
     """Remove every scratch entry (`is_scratch`) under `folder`.
 
-    Committed tensor folders are not descended into: only the server's own
+    Layout-1 tensor folders are not descended into: only the server's own
     staging names appear above them.
     """
     pending = [folder]
@@ -348,10 +280,21 @@ class Store:
         self.tmp_dir = self.root / "tmp"
         for folder in (self.models_dir, self.imports_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        version_file = self.root / "LAYOUT_VERSION"
-        if not version_file.exists():
-            version_file.write_text(_LAYOUT_VERSION + "\n")
+        self._check_layout()
+        self._headers = TensorHeaders()
         self._remove_leftovers()
+
+    def _check_layout(self) -> None:
+        """Refuse a store a newer server wrote; mark an older one as (from now on) holding this layout."""
+        version_file = self.root / "LAYOUT_VERSION"
+        found = version_file.read_text().strip() if version_file.exists() else ""
+        if found.isdigit() and int(found) > _LAYOUT_VERSION:
+            raise RuntimeError(
+                f"The store at {self.root} has layout {found}; this server reads layouts up to "
+                f"{_LAYOUT_VERSION}. Run a newer server."
+            )
+        if found != str(_LAYOUT_VERSION):
+            version_file.write_text(f"{_LAYOUT_VERSION}\n")
 
     def _remove_leftovers(self) -> None:
         """Drop what a crash left half-written: it was never acknowledged."""
@@ -393,12 +336,45 @@ class Store:
     def read_revision(self, model_id: str, revision: int) -> RevisionRecord:
         return RevisionRecord.from_dict(read_json(self._revision_dir(model_id, revision) / "revision.json"))
 
+    def _stored_manifest(self, model_id: str, revision: int) -> dict[str, Any]:
+        """Revision `revision`'s manifest as stored: `{"kind": "full" | "delta", ...}`."""
+        folder = self._revision_dir(model_id, revision)
+        payload = read_json(folder / "revision.json").get("manifest")
+        if payload is None:  # layout 1: a full manifest of its own, one object per variable
+            raw = read_json(folder / "manifest.json")
+            rows = [[v[name] for name in ROW_FIELDS] for v in raw["variables"]]
+            payload = {"kind": "full", "layer_count": raw["layer_count"], "variables": rows}
+        return payload
+
+    def _resolve(
+        self, model_id: str, revision: int, payload: dict[str, Any], parent: Manifest | None
+    ) -> Manifest:
+        """A stored manifest made whole: a delta applies to `parent` (resolved here when None)."""
+        if payload["kind"] == "full":
+            return Manifest(
+                layer_count=payload["layer_count"],
+                variables=tuple(record_of(row) for row in payload["variables"]),
+                revision=revision,
+            )
+        if parent is None or parent.revision != payload["parent"]:
+            parent = self.read_manifest(model_id, payload["parent"])
+        return apply_delta(parent, payload, revision)
+
     def read_manifest(self, model_id: str, revision: int) -> Manifest:
-        raw = read_json(self._revision_dir(model_id, revision) / "manifest.json")
-        return Manifest(
-            layer_count=raw["layer_count"],
-            variables=tuple(VariableRecord(**v | {"shape": tuple(v["shape"])}) for v in raw["variables"]),
-        )
+        """Every variable of a revision: deltas applied back to the nearest full manifest."""
+        deltas: list[tuple[int, dict[str, Any]]] = []
+        number = revision
+        payload = self._stored_manifest(model_id, number)
+        while payload["kind"] != "full":
+            deltas.append((number, payload))
+            if payload["parent"] >= number or len(deltas) > 10 * FULL_MANIFEST_EVERY:
+                raise ValueError(f"model {model_id!r}: revision {number}'s delta chain does not end")
+            number = payload["parent"]
+            payload = self._stored_manifest(model_id, number)
+        manifest = self._resolve(model_id, number, payload, None)
+        for number, payload in reversed(deltas):
+            manifest = apply_delta(manifest, payload, number)
+        return manifest
 
     def read_architecture(self, model_id: str, revision: int) -> str:
         """The Keras config JSON in force at `revision`."""
@@ -408,10 +384,8 @@ class Store:
 
     def load_tensor(self, model_id: str, record: VariableRecord) -> np.ndarray:
         """A read-only, memory-mapped view of a stored value."""
-        path = self.model_dir(model_id) / "revisions" / record.file
-        array = np.load(path, mmap_mode="r") if record.nbytes else np.load(path)
-        wanted = numpy_dtype(record.dtype)
-        return array if array.dtype == wanted else array.view(wanted)
+        location = record.file.partition("#")[0]
+        return read_tensor(self.model_dir(model_id) / "revisions" / location, record, self._headers)
 
     # --- writing -------------------------------------------------------------
 
@@ -425,8 +399,10 @@ class Store:
         (folder / "revisions").mkdir(parents=True)
         return folder, StagedRevision(folder / "revisions")
 
-    def commit_model(self, folder: Path, record: ModelRecord) -> None:
-        """Move a staged model (revision 1 committed inside) to its final place."""
+    def commit_model(self, folder: Path, record: ModelRecord, files: Mapping[str, Any] | None = None) -> None:
+        """Move a staged model (revision 1 committed inside, and `files`: name -> JSON) to its final place."""
+        for name, payload in (files or {}).items():
+            write_compact_json(folder / name, payload)
         write_json(folder / "model.json", asdict(record))
         fsync_path(folder)
         os.rename(folder, self.model_dir(record.model_id))
@@ -442,33 +418,83 @@ class Store:
     def retain(self, model_id: str, keep: int) -> list[int]:
         """Drop all but the last `keep` revisions; returns the numbers dropped.
 
-        A dropped revision loses its `revision.json` first (it stops existing
-        at that instant), then its manifest and every file no retained
-        revision refers to; files that retained manifests still point at stay
-        where they are.
+        Three steps, each leaving every kept revision restorable if a crash
+        ends the work there: (1) the oldest kept revision's manifest is
+        rewritten as a full one when it is a delta (atomically), so no kept
+        manifest refers to a dropped one; (2) each dropped revision loses
+        its `revision.json`, newest first (it stops existing at that
+        instant, and one that survives a crash still has its parents); (3)
+        every file no kept revision refers to goes, with folders left empty.
+        Step 3 also sweeps folders older than the kept ones that a crash left.
         """
         numbers = self.revision_numbers(model_id)
         if keep <= 0 or len(numbers) <= keep:
             return []
         dropped, kept = numbers[:-keep], numbers[-keep:]
-        revisions = self.model_dir(model_id) / "revisions"
-        referenced = {v.file for n in kept for v in self.read_manifest(model_id, n).variables}
-        architectures = {self.read_revision(model_id, n).architecture_revision for n in kept}
-        for number in dropped:
-            folder = revisions / f"{number:06d}"
-            (folder / "revision.json").unlink()
-        fsync_path(revisions)
-        for number in dropped:
-            folder = revisions / f"{number:06d}"
-            (folder / "manifest.json").unlink(missing_ok=True)
-            if number not in architectures:
-                (folder / "architecture.json").unlink(missing_ok=True)
-            for tensor in (folder / "tensors").glob("*.npy"):
-                if f"{folder.name}/tensors/{tensor.name}" not in referenced:
-                    tensor.unlink()
-            if not any((folder / "tensors").iterdir()) and not (folder / "architecture.json").exists():
-                shutil.rmtree(folder, ignore_errors=True)
+        manifests = self._kept_manifests(model_id, kept)
+        self._make_full(model_id, manifests[0])
+        self._unlink_records(model_id, dropped)
+        self._remove_unreferenced(model_id, kept, manifests)
         return dropped
+
+    def _kept_manifests(self, model_id: str, kept: list[int]) -> list[Manifest]:
+        """The kept revisions' manifests, each delta applied to the one before (one read per revision)."""
+        manifests: list[Manifest] = []
+        for number in kept:
+            payload = self._stored_manifest(model_id, number)
+            if not manifests:
+                manifests.append(self._resolve(model_id, number, payload, None))
+            else:
+                manifests.append(self._resolve(model_id, number, payload, manifests[-1]))
+        return manifests
+
+    def _make_full(self, model_id: str, manifest: Manifest) -> None:
+        """Retention step 1: store `manifest` as its revision's full manifest (temp, fsync, rename, fsync)."""
+        folder = self._revision_dir(model_id, manifest.revision)
+        raw = read_json(folder / "revision.json")
+        if raw.get("manifest", {"kind": "full"})["kind"] == "full":
+            return
+        temporary = folder / ".revision.json"
+        write_compact_json(
+            temporary, raw | {"manifest": full_payload(manifest.layer_count, manifest.variables)}
+        )
+        os.rename(temporary, folder / "revision.json")
+        fsync_path(folder)
+
+    def _unlink_records(self, model_id: str, dropped: list[int]) -> None:
+        """Retention step 2: the dropped revisions stop existing, newest first.
+
+        Each unlink is made durable (its folder fsync'd) before the next, so
+        a crash never keeps a revision whose newer sibling's record is gone
+        yet whose own parent is.
+        """
+        revisions = self.model_dir(model_id) / "revisions"
+        for number in reversed(dropped):
+            folder = revisions / f"{number:06d}"
+            (folder / "revision.json").unlink(missing_ok=True)
+            if folder.is_dir():
+                fsync_path(folder)
+        fsync_path(revisions)
+
+    def _remove_unreferenced(self, model_id: str, kept: list[int], manifests: list[Manifest]) -> None:
+        """Retention step 3: remove the files of revisions before `kept` that no kept revision uses."""
+        revisions = self.model_dir(model_id) / "revisions"
+        referenced = {v.file.partition("#")[0] for m in manifests for v in m.variables}
+        architectures = {self.read_revision(model_id, n).architecture_revision for n in kept}
+        for folder in revisions.iterdir():
+            if not folder.name.isdigit() or int(folder.name) >= kept[0]:
+                continue
+            if (folder / "revision.json").exists():
+                continue  # not dropped: a retain that crashed in step 2 left it, the next one drops it
+            (folder / "manifest.json").unlink(missing_ok=True)
+            if int(folder.name) not in architectures:
+                (folder / "architecture.json").unlink(missing_ok=True)
+            for file in [*folder.glob(f"*{SAFETENSORS_SUFFIX}"), *folder.glob("tensors/*.npy")]:
+                if str(file.relative_to(revisions)) not in referenced:
+                    file.unlink()
+            remaining = [p for p in folder.rglob("*") if not p.is_dir()]
+            if not remaining:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def resolve_import(self, relative: str) -> Path | None:
         """A file under `imports/`, or None when there is none or the path would escape that folder."""

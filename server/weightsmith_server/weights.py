@@ -6,7 +6,8 @@
 A `WeightWrite` lives for one WriteWeights stream. Each chunk is checked and
 copied once, into an aligned buffer that will become the variable's storage;
 a background thread writes the filled parts of the buffers to the staged
-`.npy` files while the rest streams in, and fsyncs each finished tensor.
+files while the rest streams in, and fsyncs each finished large tensor (small
+ones are packed into one file, written and fsync'd at commit).
 Nothing is visible until `commit`, which re-checks the expected revision
 under the model's commit lock, renames the staged revision into place and
 only then hands the buffers to the variables (no copy on the CPU). A stream
@@ -29,6 +30,7 @@ import numpy as np
 
 from weightsmith_server.dtypes import numpy_dtype, numpy_dtype_for
 from weightsmith_server.errors import Aborted, InvalidArgument, NotFound
+from weightsmith_server.manifests import VariableRecord
 from weightsmith_server.models.host import ModelHost
 from weightsmith_server.models.resident import ResidentModel
 from weightsmith_server.numerics import all_finite
@@ -36,7 +38,7 @@ from weightsmith_server.revisions.commit import Change, check_expected_revision,
 from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
 from weightsmith_server.selectors import Selector, select
 from weightsmith_server.staging import Budget
-from weightsmith_server.store import TensorFileWriter, VariableRecord
+from weightsmith_server.tensor_files import TensorWriter
 from weightsmith_server.zerocopy import aligned_empty, snapshot
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class WeightWrite:
         self._written: dict[str, VariableRecord] = {}
         self._values: dict[str, np.ndarray] = {}
         self._disk: list[Future[None]] = []
-        self._writer: TensorFileWriter | None = None
+        self._writer: TensorWriter | None = None
         self._target = np.empty(0, np.uint8)
         self._last_copy: Future[None] | None = None
         self._dtype = np.dtype("u1")

@@ -197,6 +197,7 @@ REQUESTS: dict[str, Callable[[str], Any]] = {
     "UploadModel": _upload_model,
     "GetModel": lambda m: _ms.GetModelRequest(model_id=m),
     "ListModels": lambda m: _ms.ListModelsRequest(),
+    "UpdateModel": lambda m: _ms.UpdateModelRequest(model_id=m),
     "DeleteModel": lambda m: _ms.DeleteModelRequest(model_id=m),
     "ExportModel": lambda m: _ms.ExportModelRequest(model_id=m),
     "Predict": lambda m: _ms.PredictRequest(model_id=m),

@@ -621,3 +621,97 @@ def test_no_edits(server: ServerHandle, cnn: str) -> None:
             stub.ApplyEdits(weight_service_pb2.ApplyEditsRequest(model_id=cnn))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert from_rpc_error(caught.value).field_violations[0][0] == "edits"
+
+
+# --- the fast path of a small edit ------------------------------------------------
+
+
+def _exact_stats(new: np.ndarray, old: np.ndarray) -> tuple[int, float]:
+    difference = (new.astype(np.float64) - old.astype(np.float64)).ravel()
+    return int(np.count_nonzero(new != old)), math.fsum(difference * difference)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_change_stats_count_exactly_and_sum_within_1e6(dtype) -> None:
+    from weightsmith_server.numerics import change_stats
+
+    rng = np.random.default_rng(7)
+    old = rng.standard_normal(70_001).astype(dtype)
+    cases = {
+        "small edit": old * dtype(1.0001),
+        "far values": (rng.standard_normal(old.size) * 1e4).astype(dtype),
+        "some unchanged": np.where(rng.random(old.size) < 0.5, old, old + 1).astype(dtype),
+        "signed zeros": np.where(old > 0, dtype(-0.0), old).astype(dtype),
+    }
+    exact = dtype != np.float32  # float32 sums in float32, pairwise
+    for name, new in cases.items():
+        changed, squares = change_stats(new, old)
+        exact_changed, exact_squares = _exact_stats(new, old)
+        assert changed == exact_changed, name
+        assert squares == pytest.approx(exact_squares, rel=1e-12 if exact else 1e-6, abs=0), name
+    big = np.array([3e38, -3e38], np.float32)  # squares beyond float32's range: summed in float64
+    assert change_stats(big, -big) == (2, pytest.approx(2 * (2 * float(big[0])) ** 2, rel=1e-15))
+    assert math.isnan(change_stats(np.ones(2, np.float32), np.array([1, np.nan], np.float32))[1])
+
+
+def _wide_config() -> str:
+    """One Dense layer whose kernel (512×600 float32, 1.2 MB) is written on the edits' worker thread."""
+    import keras
+
+    return keras.Sequential([keras.Input((512,)), keras.layers.Dense(600, name="wide")]).to_json()
+
+
+@pytest.mark.parametrize(("config", "path"), [("cnn", "conv2/kernel"), ("wide", "wide/kernel")])
+def test_scale_writes_exactly_and_reports_exact_statistics(
+    client, server: ServerHandle, model_id: str, config: str, path: str
+) -> None:
+    client.create_model(
+        model_id, keras_config=tiny_cnn_config() if config == "cnn" else _wide_config(), seed=5
+    )
+    before = _weights(client, model_id)
+    response = client.apply_edits(model_id, [edits.scale(path, 1.0001)])
+    after = _weights(client, model_id)
+    assert after[path].tobytes() == (before[path] * 1.0001).tobytes()
+    changed, squares = _exact_stats(after[path], before[path])
+    assert response.results[0].elements_changed == changed
+    assert response.results[0].delta_l2 == pytest.approx(math.sqrt(squares), rel=1e-6)
+    assert list(response.revision.changed_variables) == [path]
+    assert _same(
+        {k: v for k, v in after.items() if k != path}, {k: v for k, v in before.items() if k != path}
+    )
+    assert client.get_revision(model_id, 2).edits[0].delta_l2 == response.results[0].delta_l2
+    assert not list((server.store / "models" / model_id / "revisions").glob(".staging-*"))
+
+
+def test_literal_selectors_match_only_their_own_variable(client, cnn: str) -> None:
+    before = _weights(client, cnn)
+    response = client.apply_edits(
+        cnn,
+        [
+            edits.add(weightsmith.Selector(patterns=["head/bias"], paths=["conv1/bias"]), 1.0),
+            edits.scale(weightsmith.Selector(patterns=["head/kernel"], kinds=["kernel"]), 2.0),
+        ],
+        dry_run=True,
+    )
+    assert list(response.results[0].variables) == ["conv1/bias", "head/bias"]  # model order
+    assert list(response.results[1].variables) == ["head/kernel"]
+    for bad, reason in (
+        (weightsmith.Selector(patterns=["head/Bias"]), "EMPTY_SELECTION"),
+        (weightsmith.Selector(patterns=["head/kernel"], kinds=["bias"]), "EMPTY_SELECTION"),
+        (weightsmith.Selector(paths=["head/nothing"]), "UNKNOWN_VARIABLE"),
+    ):
+        with pytest.raises(weightsmith.InvalidArgumentError) as caught:
+            client.apply_edits(cnn, [edits.scale(bad, 2.0)])
+        assert caught.value.reason == reason
+    assert _same(_weights(client, cnn), before)
+
+
+def test_a_failing_batch_leaves_no_staged_files(client, server: ServerHandle, cnn: str) -> None:
+    before, revision = _weights(client, cnn), client.get_model(cnn).revision
+    with pytest.raises(weightsmith.InvalidArgumentError) as caught:
+        client.apply_edits(cnn, [edits.scale(ALL, 0.5), edits.scale("head/*", 1e300)])
+    assert caught.value.reason == "NON_FINITE_RESULT"
+    assert caught.value.field_violations[0][0] == "edits[1].scale.selector"
+    assert _same(_weights(client, cnn), before)
+    assert client.get_model(cnn).revision == revision
+    assert not list((server.store / "models" / cnn / "revisions").glob(".staging-*"))

@@ -265,6 +265,8 @@ def test_deleting_an_unloaded_model_does_not_load_it(
 
 
 def test_a_restart_with_more_models_than_the_budget_places_what_fits(tmp_path: Path) -> None:
+    from tests.api.test_lazy_restore import wait_restored
+
     store = tmp_path / "store"
     handle, thread = _start_in_thread(store, device=POLICY)  # the automatic budget holds them all
     try:
@@ -273,24 +275,26 @@ def test_a_restart_with_more_models_than_the_budget_places_what_fits(tmp_path: P
                 client.create_model(name, keras_config=_config(), seed=index)
             client.write_weights("m3", {"logits/bias": np.array([1.5, -2.5], np.float32)})
             before = {name: _bytes(client.read_weights(name)) for name in ("m1", "m2", "m3")}
-            described = client.get_model("m3")
+            described = client.get_model("m1")
     finally:
         _stop_in_thread(handle, thread)
 
     handle, thread = _start_in_thread(store, device=POLICY, memory_budget_mb=1)
     try:
+        wait_restored(handle)
         with weightsmith.Client(handle.address) as client:
-            assert _resident_flags(client) == {"m1": True, "m2": True, "m3": False}
-            listed = client.get_model("m3")
+            # Most recently committed first: m3 (edited last), then m2; m1 does not fit.
+            assert _resident_flags(client) == {"m1": False, "m2": True, "m3": True}
+            listed = client.get_model("m1")
             assert not listed.resident
             described.ClearField("resident")
             described.ClearField("device")
             assert listed == described
-            assert _bytes(client.read_weights("m3")) == before["m3"]
-            assert client.get_model("m3").revision == 2
-            assert _resident_flags(client) == {"m1": False, "m2": True, "m3": True}
-            for name in ("m1", "m2"):
+            assert _bytes(client.read_weights("m1")) == before["m1"]
+            assert _resident_flags(client) == {"m1": True, "m2": False, "m3": True}
+            for name in ("m2", "m3"):
                 assert _bytes(client.read_weights(name)) == before[name]
+            assert client.get_model("m3").revision == 2
     finally:
         _stop_in_thread(handle, thread)
 

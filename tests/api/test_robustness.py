@@ -185,8 +185,10 @@ def test_unrestorable_model_does_not_keep_the_server_down(tmp_path: Path) -> Non
             client.create_model("bad", keras_config=tiny_config())
     finally:
         _stop_in_thread(handle, thread)
-    manifest = store / "models" / "bad" / "revisions" / "000001" / "manifest.json"
-    manifest.write_text(json.dumps({"layer_count": 2, "variables": [{"path": "nonsense"}]}))
+    revision = store / "models" / "bad" / "revisions" / "000001" / "revision.json"
+    stored = json.loads(revision.read_text())
+    stored["manifest"] = {"kind": "full", "layer_count": 2, "variables": [["nonsense"]]}
+    revision.write_text(json.dumps(stored))
 
     handle, thread = _start_in_thread(store)
     try:

@@ -350,6 +350,34 @@ def test_read_into_out_arrays_reuses_them(client, model_id: str) -> None:
         client.read_weights(model_id, out={"hidden/bias": np.zeros(4, np.float32)})
 
 
+def test_fresh_reads_of_large_tensors_are_bit_exact_and_the_callers_own(client, model_id: str) -> None:
+    """Tensors over `zerocopy.MIN_MAPPED_BYTES` land in pooled mappings: still plain, exact arrays."""
+    import keras
+
+    from weightsmith import zerocopy
+
+    config = keras.Sequential([keras.Input((1024,)), keras.layers.Dense(1100, name="wide")]).to_json()
+    client.create_model(model_id, keras_config=config)
+    rng = np.random.default_rng(3)
+    first = {"wide/kernel": rng.normal(size=(1024, 1100)).astype(np.float32)}
+    assert first["wide/kernel"].nbytes > zerocopy.MIN_MAPPED_BYTES
+    client.write_weights(model_id, first)
+    second = {"wide/kernel": (first["wide/kernel"] * -2).astype(np.float32)}
+    client.write_weights(model_id, second)
+
+    current = client.read_weights(model_id, chunk_size_bytes=wire.MIN_CHUNK_BYTES)  # resident
+    older = client.read_weights(model_id, revision=2)  # from the store
+    assert current["wide/kernel"].tobytes() == second["wide/kernel"].tobytes()
+    assert older["wide/kernel"].tobytes() == first["wide/kernel"].tobytes()
+    assert current["wide/bias"].tobytes() == np.zeros(1100, np.float32).tobytes()
+    kernel = current["wide/kernel"]
+    assert kernel.flags.writeable and kernel.flags.c_contiguous and kernel.dtype == np.float32
+    kernel[:] = 7.0  # the caller's copy: the model is untouched
+    again = client.read_weights(model_id, "wide/kernel", out=older)
+    assert again["wide/kernel"] is older["wide/kernel"]
+    assert older["wide/kernel"].tobytes() == second["wide/kernel"].tobytes()
+
+
 def test_non_finite_values_allowed_when_asked(client, model_id: str) -> None:
     client.create_model(model_id, keras_config=tiny_config())
     bias = np.array([np.nan, np.inf], np.float32)

@@ -53,15 +53,18 @@ def test_revision_stores_only_what_changed_and_restores_every_revision(tmp_path:
 
     assert store.revision_numbers("m") == [1, 2]
     second = store.read_manifest("m", 2).by_path()
-    assert second["a/kernel"].file == "000001/tensors/0000.npy"  # shared, not copied
-    assert second["b/bias"].file == "000002/tensors/0000.npy"
+    assert second["a/kernel"].file == "000001/tensors.safetensors#a/kernel"  # shared, not copied
+    assert second["b/bias"].file == "000002/tensors.safetensors#b/bias"
     assert second["b/bias"].trainable is False and second["b/bias"].layer_index == 1
     np.testing.assert_array_equal(store.load_tensor("m", second["a/kernel"]), a1)
     np.testing.assert_array_equal(store.load_tensor("m", second["b/bias"]), b2)
     first = store.read_manifest("m", 1).by_path()
     np.testing.assert_array_equal(store.load_tensor("m", first["b/bias"]), b1)
     assert store.read_architecture("m", 2) == '{"arch": 1}'
-    assert not list((tmp_path / "models/m/revisions/000002").glob("tensors/0001.npy"))
+    assert sorted(p.name for p in (tmp_path / "models/m/revisions/000002").iterdir()) == [
+        "revision.json",
+        "tensors.safetensors",
+    ]
 
 
 def test_uncommitted_staging_is_invisible_and_removed_on_restart(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, note, seed, settings
@@ -50,6 +51,7 @@ from weightsmith.v1 import (
     dataset_pb2,
     error_reason_pb2,
     job_pb2,
+    model_pb2,
     model_service_pb2,
     selector_pb2,
     tensor_pb2,
@@ -202,6 +204,13 @@ class World:
             "GetModel": lambda: [m.GetModelRequest(model_id="fz-base")],
             "ListModels": lambda: [m.ListModelsRequest(page_size=2)],
             "DeleteModel": lambda: [m.DeleteModelRequest(model_id="fz-victim")],
+            "UpdateModel": lambda: [
+                m.UpdateModelRequest(
+                    model_id="fz-other",
+                    batching=model_pb2.BatchingPolicy(max_batch_size=8, max_wait_seconds=0.002),
+                    update_mask=field_mask_pb2.FieldMask(paths=["batching"]),
+                )
+            ],
             "ExportModel": lambda: [
                 m.ExportModelRequest(model_id="fz-base", revision=1, format=m.EXPORT_FORMAT_KERAS)
             ],

@@ -314,7 +314,7 @@ def test_staging_memory_is_capped_across_writes_and_returned_when_a_stream_times
         )
         try:
             staging = bounded.store / "models" / "staged-a" / "revisions"
-            wait_for(lambda: any(staging.glob(".staging-*/tensors/*.npy")), 10, "the first write to stage")
+            wait_for(lambda: any(staging.glob(".staging-*/*.safetensors")), 10, "the first write to stage")
             with pytest.raises(weightsmith.errors.ResourceExhaustedError) as caught:
                 client.write_weights("staged-b", {"hidden/kernel": kernel})
             assert caught.value.reason == "STAGING_MEMORY_EXHAUSTED"

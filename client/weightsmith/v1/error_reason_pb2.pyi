@@ -769,6 +769,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Code: INVALID_ARGUMENT. Field: `spec.metrics` or `metrics`.
     Metadata, for example: `{"count": "1000", "limit": "16"}`.
     """
+    INVALID_BATCHING_POLICY: _ErrorReason.ValueType  # 320
+    """--- Issue 9, Predict batching (320 to 339). ---
+    A batching policy's field is out of range: `max_batch_size` must be 1 to
+    65536, `max_wait_seconds` 0 to 1. Nothing was created or changed.
+    Code: INVALID_ARGUMENT. Field: `batching.max_batch_size`,
+    `batching.max_wait_seconds` (or under `header.` for UploadModel).
+    """
+    INVALID_UPDATE_MASK: _ErrorReason.ValueType  # 321
+    """UpdateModel's `update_mask` names a path that cannot be updated.
+    Code: INVALID_ARGUMENT. Field: `update_mask.paths[i]`.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every `reason` the server sets in a `google.rpc.ErrorInfo` (domain
@@ -1531,5 +1542,16 @@ A job spec or an Evaluate request lists more metrics than the server
 compiles (16).
 Code: INVALID_ARGUMENT. Field: `spec.metrics` or `metrics`.
 Metadata, for example: `{"count": "1000", "limit": "16"}`.
+"""
+INVALID_BATCHING_POLICY: ErrorReason.ValueType  # 320
+"""--- Issue 9, Predict batching (320 to 339). ---
+A batching policy's field is out of range: `max_batch_size` must be 1 to
+65536, `max_wait_seconds` 0 to 1. Nothing was created or changed.
+Code: INVALID_ARGUMENT. Field: `batching.max_batch_size`,
+`batching.max_wait_seconds` (or under `header.` for UploadModel).
+"""
+INVALID_UPDATE_MASK: ErrorReason.ValueType  # 321
+"""UpdateModel's `update_mask` names a path that cannot be updated.
+Code: INVALID_ARGUMENT. Field: `update_mask.paths[i]`.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from weightsmith.v1 import tensor_pb2 as weightsmith_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aweightsmith/v1/model.proto\x12\x0eweightsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bweightsmith/v1/tensor.proto\"\xce\x03\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12+\n\x06source\x18\x04 \x01(\x0e\x32\x1b.weightsmith.v1.ModelSource\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12*\n\x06inputs\x18\x08 \x03(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12+\n\x07outputs\x18\t \x03(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12%\n\x06layers\x18\n \x03(\x0b\x32\x15.weightsmith.v1.Layer\x12+\n\tvariables\x18\x0b \x03(\x0b\x32\x18.weightsmith.v1.Variable\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08resident\x18\x0e \x01(\x08\"K\n\x05Layer\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x11\n\ttrainable\x18\x04 \x01(\x08\"r\n\x08Variable\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.weightsmith.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\ttrainable\x18\x04 \x01(\x08\x12\r\n\x05layer\x18\x05 \x01(\t*\x8d\x01\n\x0bModelSource\x12\x1c\n\x18MODEL_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_SOURCE_CATALOG\x10\x01\x12\x17\n\x13MODEL_SOURCE_CONFIG\x10\x02\x12\x17\n\x13MODEL_SOURCE_UPLOAD\x10\x03\x12\x14\n\x10MODEL_SOURCE_JOB\x10\x04\x42{\n\x12\x64\x65v.weightsmith.v1B\nModelProtoP\x01ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\xaa\x02\x0eWeightsmith.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aweightsmith/v1/model.proto\x12\x0eweightsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bweightsmith/v1/tensor.proto\"\x80\x04\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12+\n\x06source\x18\x04 \x01(\x0e\x32\x1b.weightsmith.v1.ModelSource\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fparameter_count\x18\x06 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12*\n\x06inputs\x18\x08 \x03(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12+\n\x07outputs\x18\t \x03(\x0b\x32\x1a.weightsmith.v1.TensorSpec\x12%\n\x06layers\x18\n \x03(\x0b\x32\x15.weightsmith.v1.Layer\x12+\n\tvariables\x18\x0b \x03(\x0b\x32\x18.weightsmith.v1.Variable\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08resident\x18\x0e \x01(\x08\x12\x30\n\x08\x62\x61tching\x18\x0f \x01(\x0b\x32\x1e.weightsmith.v1.BatchingPolicy\"K\n\x05Layer\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x11\n\ttrainable\x18\x04 \x01(\x08\"r\n\x08Variable\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.weightsmith.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\ttrainable\x18\x04 \x01(\x08\x12\r\n\x05layer\x18\x05 \x01(\t\"t\n\x0e\x42\x61tchingPolicy\x12\x1b\n\x0emax_batch_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1d\n\x10max_wait_seconds\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_max_batch_sizeB\x13\n\x11_max_wait_seconds*\x8d\x01\n\x0bModelSource\x12\x1c\n\x18MODEL_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_SOURCE_CATALOG\x10\x01\x12\x17\n\x13MODEL_SOURCE_CONFIG\x10\x02\x12\x17\n\x13MODEL_SOURCE_UPLOAD\x10\x03\x12\x14\n\x10MODEL_SOURCE_JOB\x10\x04\x42{\n\x12\x64\x65v.weightsmith.v1B\nModelProtoP\x01ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\xaa\x02\x0eWeightsmith.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightsmith.v1.model_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.weightsmith.v1B\nModelProtoP\001ZFgithub.com/weightsmith/weightsmith/gen/go/weightsmith/v1;weightsmithv1\252\002\016Weightsmith.V1'
-  _globals['_MODELSOURCE']._serialized_start=767
-  _globals['_MODELSOURCE']._serialized_end=908
+  _globals['_MODELSOURCE']._serialized_start=935
+  _globals['_MODELSOURCE']._serialized_end=1076
   _globals['_MODEL']._serialized_start=109
-  _globals['_MODEL']._serialized_end=571
-  _globals['_LAYER']._serialized_start=573
-  _globals['_LAYER']._serialized_end=648
-  _globals['_VARIABLE']._serialized_start=650
-  _globals['_VARIABLE']._serialized_end=764
+  _globals['_MODEL']._serialized_end=621
+  _globals['_LAYER']._serialized_start=623
+  _globals['_LAYER']._serialized_end=698
+  _globals['_VARIABLE']._serialized_start=700
+  _globals['_VARIABLE']._serialized_end=814
+  _globals['_BATCHINGPOLICY']._serialized_start=816
+  _globals['_BATCHINGPOLICY']._serialized_end=932
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,7 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RESIDENT_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Output only. The model's id: 1 to 63 characters matching
     `[a-z0-9][a-z0-9-]{0,62}`.
@@ -125,6 +126,13 @@ class Model(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the current revision was committed."""
 
+    @_builtins.property
+    def batching(self) -> Global___BatchingPolicy:
+        """Output only. The batching policy Predict uses for this model: the
+        model's own fields (set at creation or with UpdateModel), the server's
+        defaults for the others. Not part of any revision.
+        """
+
     def __init__(
         self,
         *,
@@ -142,10 +150,11 @@ class Model(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         resident: _builtins.bool = ...,
+        batching: Global___BatchingPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "create_time", b"create_time", "device", b"device", "inputs", b"inputs", "layers", b"layers", "model_id", b"model_id", "outputs", b"outputs", "parameter_count", b"parameter_count", "resident", b"resident", "revision", b"revision", "source", b"source", "update_time", b"update_time", "variables", b"variables", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "batching", b"batching", "create_time", b"create_time", "device", b"device", "inputs", b"inputs", "layers", b"layers", "model_id", b"model_id", "outputs", b"outputs", "parameter_count", b"parameter_count", "resident", b"resident", "revision", b"revision", "source", b"source", "update_time", b"update_time", "variables", b"variables", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,3 +235,51 @@ class Variable(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Variable: _TypeAlias = Variable  # noqa: Y015
+
+@_typing.final
+class BatchingPolicy(_message.Message):
+    """How concurrent Predict calls on a model are batched (dynamic batching).
+    Calls with the same input names, dtypes and non-batch shapes and the same
+    output layers that arrive while a batch runs are concatenated into the next
+    batch, run once, and split back: each caller gets exactly its own rows.
+
+    In a request (CreateModel, UploadModel, UpdateModel) a field left unset
+    means "the server's default" (`--batch-max-size`, `--batch-wait-ms`); in a
+    response (`Model.batching`, `ServerLimits.predict_batching`) both fields are
+    always set, to the values in effect.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    max_batch_size: _builtins.int
+    """Most rows in one batch, 1 to 65536; 1 turns batching off. A call with
+    this many rows or more runs on its own.
+    """
+    max_wait_seconds: _builtins.float
+    """Under load, longest a next batch that is not yet full waits for more
+    calls, in seconds, 0 to 1 (also at most a quarter of the last batch's run
+    time); a lone call never waits; 0: batches form only from the calls that
+    queue while one runs.
+    """
+    def __init__(
+        self,
+        *,
+        max_batch_size: _builtins.int | None = ...,
+        max_wait_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_batch_size", b"_max_batch_size", "_max_wait_seconds", b"_max_wait_seconds", "max_batch_size", b"max_batch_size", "max_wait_seconds", b"max_wait_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_batch_size", b"_max_batch_size", "_max_wait_seconds", b"_max_wait_seconds", "max_batch_size", b"max_batch_size", "max_wait_seconds", b"max_wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_batch_size: _TypeAlias = _typing.Literal["max_batch_size"]  # noqa: Y015
+    _WhichOneofArgType__max_batch_size: _TypeAlias = _typing.Literal["_max_batch_size", b"_max_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__max_wait_seconds: _TypeAlias = _typing.Literal["max_wait_seconds"]  # noqa: Y015
+    _WhichOneofArgType__max_wait_seconds: _TypeAlias = _typing.Literal["_max_wait_seconds", b"_max_wait_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_batch_size) -> _WhichOneofReturnType__max_batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_wait_seconds) -> _WhichOneofReturnType__max_wait_seconds | None: ...
+
+Global___BatchingPolicy: _TypeAlias = BatchingPolicy  # noqa: Y015

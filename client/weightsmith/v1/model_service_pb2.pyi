@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -199,6 +200,7 @@ class CreateModelRequest(_message.Message):
     KERAS_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Optional. The new model's id, matching `[a-z0-9][a-z0-9-]{0,62}`. The
     server picks one when empty.
@@ -218,6 +220,12 @@ class CreateModelRequest(_message.Message):
     def catalog(self) -> Global___CatalogArchitecture:
         """A catalog architecture."""
 
+    @_builtins.property
+    def batching(self) -> _model_pb2.BatchingPolicy:
+        """Optional. The model's Predict batching policy; unset fields follow the
+        server's defaults.
+        """
+
     def __init__(
         self,
         *,
@@ -226,10 +234,11 @@ class CreateModelRequest(_message.Message):
         keras_config_json: _builtins.str = ...,
         seed: _builtins.int | None = ...,
         message: _builtins.str = ...,
+        batching: _model_pb2.BatchingPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "architecture", b"architecture", "catalog", b"catalog", "keras_config_json", b"keras_config_json", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "architecture", b"architecture", "batching", b"batching", "catalog", b"catalog", "keras_config_json", b"keras_config_json", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "architecture", b"architecture", "catalog", b"catalog", "keras_config_json", b"keras_config_json", "message", b"message", "model_id", b"model_id", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "architecture", b"architecture", "batching", b"batching", "catalog", b"catalog", "keras_config_json", b"keras_config_json", "message", b"message", "model_id", b"model_id", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -275,6 +284,7 @@ class UploadModelHeader(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Optional. The new model's id; the server picks one when empty."""
     size_bytes: _builtins.int
@@ -283,16 +293,23 @@ class UploadModelHeader(_message.Message):
     """
     message: _builtins.str
     """Optional. Message recorded on revision 1."""
+    @_builtins.property
+    def batching(self) -> _model_pb2.BatchingPolicy:
+        """Optional. The model's Predict batching policy; unset fields follow the
+        server's defaults.
+        """
+
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         message: _builtins.str = ...,
+        batching: _model_pb2.BatchingPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "model_id", b"model_id", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "message", b"message", "model_id", b"model_id", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -453,6 +470,68 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateModelRequest(_message.Message):
+    """Request for ModelService.UpdateModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Required. The model's id."""
+    @_builtins.property
+    def batching(self) -> _model_pb2.BatchingPolicy:
+        """The new batching policy; which of its fields apply is `update_mask`'s."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Optional. The fields to update: `batching` (both fields),
+        `batching.max_batch_size`, `batching.max_wait_seconds`, or `*` (all). A
+        field named here but unset in `batching` goes back to the server's
+        default. Empty: the fields set in `batching` are updated, the others kept.
+        """
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        batching: _model_pb2.BatchingPolicy | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "model_id", b"model_id", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelResponse(_message.Message):
+    """Response for ModelService.UpdateModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> _model_pb2.Model:
+        """The model, with its new `batching`."""
+
+    def __init__(
+        self,
+        *,
+        model: _model_pb2.Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
 
 @_typing.final
 class DeleteModelRequest(_message.Message):
@@ -723,6 +802,7 @@ class ServerLimits(_message.Message):
     MAX_WRITE_STREAMS_FIELD_NUMBER: _builtins.int
     MAX_STAGING_BYTES_FIELD_NUMBER: _builtins.int
     MAX_ERROR_BYTES_FIELD_NUMBER: _builtins.int
+    PREDICT_BATCHING_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest message the server sends or receives, in bytes."""
     max_upload_bytes: _builtins.int
@@ -753,6 +833,13 @@ class ServerLimits(_message.Message):
     """Bytes held in memory by in-flight writes and uploads together."""
     max_error_bytes: _builtins.int
     """Largest error reply (message plus details), in bytes."""
+    @_builtins.property
+    def predict_batching(self) -> _model_pb2.BatchingPolicy:
+        """How concurrent Predict calls on one model are batched by default (the
+        server's `--batch-max-size` and `--batch-wait-ms`); a model's own fields
+        take precedence (`Model.batching`).
+        """
+
     def __init__(
         self,
         *,
@@ -769,10 +856,11 @@ class ServerLimits(_message.Message):
         max_write_streams: _builtins.int = ...,
         max_staging_bytes: _builtins.int = ...,
         max_error_bytes: _builtins.int = ...,
+        predict_batching: _model_pb2.BatchingPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["predict_batching", b"predict_batching"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size_bytes", b"chunk_size_bytes", "max_config_bytes", b"max_config_bytes", "max_decompressed_bytes", b"max_decompressed_bytes", "max_error_bytes", b"max_error_bytes", "max_image_pixels", b"max_image_pixels", "max_member_bytes", b"max_member_bytes", "max_message_bytes", b"max_message_bytes", "max_staging_bytes", b"max_staging_bytes", "max_string_bytes", b"max_string_bytes", "max_upload_bytes", b"max_upload_bytes", "max_write_streams", b"max_write_streams", "stream_deadline_seconds", b"stream_deadline_seconds", "stream_idle_seconds", b"stream_idle_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size_bytes", b"chunk_size_bytes", "max_config_bytes", b"max_config_bytes", "max_decompressed_bytes", b"max_decompressed_bytes", "max_error_bytes", b"max_error_bytes", "max_image_pixels", b"max_image_pixels", "max_member_bytes", b"max_member_bytes", "max_message_bytes", b"max_message_bytes", "max_staging_bytes", b"max_staging_bytes", "max_string_bytes", b"max_string_bytes", "max_upload_bytes", b"max_upload_bytes", "max_write_streams", b"max_write_streams", "predict_batching", b"predict_batching", "stream_deadline_seconds", b"stream_deadline_seconds", "stream_idle_seconds", b"stream_idle_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

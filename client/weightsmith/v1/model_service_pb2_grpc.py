@@ -56,6 +56,11 @@ class ModelServiceStub:
                 request_serializer=weightsmith_dot_v1_dot_model__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=weightsmith_dot_v1_dot_model__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/weightsmith.v1.ModelService/UpdateModel',
+                request_serializer=weightsmith_dot_v1_dot_model__service__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=weightsmith_dot_v1_dot_model__service__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/weightsmith.v1.ModelService/DeleteModel',
                 request_serializer=weightsmith_dot_v1_dot_model__service__pb2.DeleteModelRequest.SerializeToString,
@@ -121,6 +126,14 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateModel(self, request, context):
+        """Changes a model's serving settings (its Predict batching policy),
+        durably, without a new revision. Needs the `edit` scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteModel(self, request, context):
         """Deletes a model and its whole history, durably.
         """
@@ -181,6 +194,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=weightsmith_dot_v1_dot_model__service__pb2.ListModelsRequest.FromString,
                     response_serializer=weightsmith_dot_v1_dot_model__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=weightsmith_dot_v1_dot_model__service__pb2.UpdateModelRequest.FromString,
+                    response_serializer=weightsmith_dot_v1_dot_model__service__pb2.UpdateModelResponse.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
@@ -318,6 +336,33 @@ class ModelService:
             '/weightsmith.v1.ModelService/ListModels',
             weightsmith_dot_v1_dot_model__service__pb2.ListModelsRequest.SerializeToString,
             weightsmith_dot_v1_dot_model__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightsmith.v1.ModelService/UpdateModel',
+            weightsmith_dot_v1_dot_model__service__pb2.UpdateModelRequest.SerializeToString,
+            weightsmith_dot_v1_dot_model__service__pb2.UpdateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

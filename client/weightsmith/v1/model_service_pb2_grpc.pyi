@@ -50,6 +50,10 @@ class ModelServiceStub:
     """Returns a model's description."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.ListModelsRequest, _model_service_pb2.ListModelsResponse]
     """Lists models ordered by `model_id`."""
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.UpdateModelRequest, _model_service_pb2.UpdateModelResponse]
+    """Changes a model's serving settings (its Predict batching policy),
+    durably, without a new revision. Needs the `edit` scope.
+    """
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]
     """Deletes a model and its whole history, durably."""
     ExportModel: _grpc.UnaryStreamMultiCallable[_model_service_pb2.ExportModelRequest, _model_service_pb2.ExportModelResponse]
@@ -88,6 +92,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Returns a model's description."""
     ListModels: _aio.UnaryUnaryMultiCallable[_model_service_pb2.ListModelsRequest, _model_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists models ordered by `model_id`."""
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.UpdateModelRequest, _model_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """Changes a model's serving settings (its Predict batching policy),
+    durably, without a new revision. Needs the `edit` scope.
+    """
     DeleteModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]  # type: ignore[assignment]
     """Deletes a model and its whole history, durably."""
     ExportModel: _aio.UnaryStreamMultiCallable[_model_service_pb2.ExportModelRequest, _model_service_pb2.ExportModelResponse]  # type: ignore[assignment]
@@ -147,6 +155,16 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.ListModelsResponse, _abc.Awaitable[_model_service_pb2.ListModelsResponse]]:
         """Lists models ordered by `model_id`."""
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _model_service_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.UpdateModelResponse, _abc.Awaitable[_model_service_pb2.UpdateModelResponse]]:
+        """Changes a model's serving settings (its Predict batching policy),
+        durably, without a new revision. Needs the `edit` scope.
+        """
 
     @_abc_1.abstractmethod
     def DeleteModel(

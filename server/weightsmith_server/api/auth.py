@@ -40,6 +40,7 @@ METHOD_SCOPES: dict[str, str | None] = {
     f"{_M}CreateModel": "admin",
     f"{_M}UploadModel": "admin",
     f"{_M}DeleteModel": "admin",
+    f"{_M}UpdateModel": "edit",
     f"{_M}GetModel": "read",
     f"{_M}ListModels": "read",
     f"{_M}ExportModel": "read",

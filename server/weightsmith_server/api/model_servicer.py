@@ -11,6 +11,7 @@ from weightsmith_server.api.codecs import datasets as dataset_codecs
 from weightsmith_server.api.codecs import models as codecs
 from weightsmith_server.api.codecs import streams
 from weightsmith_server.api.identity import author
+from weightsmith_server.models.serving import mask_fields
 from weightsmith_server.operations.models import ModelOperations
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"]
@@ -31,6 +32,7 @@ class ModelServicer:
             seed=request.seed if request.HasField("seed") else None,
             message=request.message,
             author=author(context),
+            batching=codecs.batching_overrides(request.batching) if request.HasField("batching") else None,
         )
         return pb.CreateModelResponse(model=codecs.model(info))
 
@@ -44,6 +46,7 @@ class ModelServicer:
             streams.upload_chunks(request_iterator),
             message=header.message,
             author=author(context),
+            batching=codecs.batching_overrides(header.batching) if header.HasField("batching") else None,
         )
         return pb.UploadModelResponse(model=codecs.model(info))
 
@@ -57,6 +60,16 @@ class ModelServicer:
     ) -> pb.ListModelsResponse:
         infos, token = await self._models.list(request.page_size, request.page_token)
         return pb.ListModelsResponse(models=[codecs.model(i) for i in infos], next_page_token=token)
+
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateModelResponse:
+        info = await self._models.update(
+            request.model_id,
+            codecs.batching_overrides(request.batching),
+            mask_fields(list(request.update_mask.paths)),
+        )
+        return pb.UpdateModelResponse(model=codecs.model(info))
 
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,9 +12,12 @@ from weightsmith.v1 import training_service_pb2 as pb
 from weightsmith_server.api.codecs import datasets as dataset_codec
 from weightsmith_server.api.codecs import jobs as job_codec
 from weightsmith_server.api.codecs import streams
+from weightsmith_server.jobs.events import JobEvent
 from weightsmith_server.operations.training import DatasetView, JobView, TrainingOperations
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"]
+# Replies kept for the watchers of running jobs: each event is encoded once, not once per watcher.
+_ENCODED_EVENTS = 256
 
 
 def _dataset(view: DatasetView) -> dataset_pb2.Dataset:
@@ -29,6 +33,7 @@ class TrainingServicer:
 
     def __init__(self, operations: TrainingOperations) -> None:
         self._operations = operations
+        self._replies: OrderedDict[int, tuple[JobEvent, pb.WatchJobResponse]] = OrderedDict()
 
     async def UploadDataset(
         self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: grpc.aio.ServicerContext
@@ -90,7 +95,24 @@ class TrainingServicer:
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobResponse]:
         async for event in self._operations.watch_job(request.job_id, request.after_sequence):
-            yield pb.WatchJobResponse(event=job_codec.job_event(event))
+            yield self._encoded(event)
+
+    def _encoded(self, event: JobEvent) -> pb.WatchJobResponse:
+        """The event's reply, built once for all the watchers of a job (they get the same events).
+
+        Runs on the event loop only, so the cache needs no lock; it holds the
+        last `_ENCODED_EVENTS` events, keyed by identity (a log's events are
+        never copied), and the replies are never modified after they are built.
+        """
+        key = id(event)
+        cached = self._replies.get(key)
+        if cached is not None and cached[0] is event:
+            return cached[1]
+        reply = pb.WatchJobResponse(event=job_codec.job_event(event))
+        self._replies[key] = (event, reply)
+        if len(self._replies) > _ENCODED_EVENTS:
+            self._replies.popitem(last=False)
+        return reply
 
     async def ListJobEvents(
         self, request: pb.ListJobEventsRequest, context: grpc.aio.ServicerContext

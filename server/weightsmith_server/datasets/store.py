@@ -41,12 +41,12 @@ from weightsmith_server.datasets.formats import get_format
 from weightsmith_server.datasets.image_folder import check_image_size
 from weightsmith_server.datasets.reader import Received
 from weightsmith_server.datasets.records import DatasetInfo, DatasetSource, DatasetSplit, StoredDataset
+from weightsmith_server.durable import fsync_path, read_json, write_json
 from weightsmith_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from weightsmith_server.limits import InputLimits
 from weightsmith_server.naming import validate_id
 from weightsmith_server.paging import page_after
 from weightsmith_server.resources import ResourceTable, check_upload_size, receive_file
-from weightsmith_server.store import fsync_path, read_json, write_json
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -15,6 +15,16 @@ from weightsmith_server.limits import check_seed
 from weightsmith_server.selectors import Selector
 
 
+def _out(ctx: EditContext, path: str, value: np.ndarray) -> np.ndarray | None:
+    """Where an element-wise op with a Python scalar writes its result.
+
+    For numpy's float dtypes the result has the value's dtype, so it goes
+    straight into an aligned array the variable adopts (no copy in `put`);
+    None (a fresh array) for other dtypes, whose promotion rules may differ.
+    """
+    return ctx.new_value(path) if value.dtype.kind == "f" else None
+
+
 @dataclass(frozen=True)
 class Assign(EditOp):
     """Overwrite a variable, or the slice starting at `begin`, with `value`."""
@@ -66,7 +76,8 @@ class Assign(EditOp):
                 reason="SLICE_OUT_OF_BOUNDS",
                 field="begin",
             )
-        new = np.array(ctx.value(self.variable))
+        new = ctx.new_value(self.variable)
+        new[...] = ctx.value(self.variable)
         new[tuple(slice(b, b + n) for b, n in zip(self.begin, self.value.shape, strict=True))] = self.value
         ctx.put(self.variable, new, report, field="value")
         return report
@@ -85,7 +96,7 @@ class Scale(EditOp):
         report = EditReport(self.name)
         paths = ctx.select(self.selector)
         for path, value in zip(paths, ctx.floating(paths), strict=True):
-            ctx.put(path, value * factor, report)
+            ctx.put(path, np.multiply(value, factor, out=_out(ctx, path, value)), report)
         return report
 
 
@@ -102,7 +113,7 @@ class Add(EditOp):
         report = EditReport(self.name)
         paths = ctx.select(self.selector)
         for path, value in zip(paths, ctx.floating(paths), strict=True):
-            ctx.put(path, value + constant, report)
+            ctx.put(path, np.add(value, constant, out=_out(ctx, path, value)), report)
         return report
 
 
@@ -166,5 +177,5 @@ class Clip(EditOp):
         report = EditReport(self.name)
         paths = ctx.select(self.selector)
         for path, value in zip(paths, ctx.floating(paths), strict=True):
-            ctx.put(path, np.clip(value, self.minimum, self.maximum), report)
+            ctx.put(path, np.clip(value, self.minimum, self.maximum, out=_out(ctx, path, value)), report)
         return report

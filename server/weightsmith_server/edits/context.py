@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -19,12 +20,12 @@ import numpy as np
 from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.limits import excerpt
+from weightsmith_server.manifests import VariableRecord
 from weightsmith_server.models import architecture
-from weightsmith_server.numerics import all_finite
+from weightsmith_server.numerics import all_finite, change_stats
 from weightsmith_server.selectors import Selector, select
-from weightsmith_server.store import VariableRecord
 from weightsmith_server.variables import model_variables
-from weightsmith_server.zerocopy import snapshot
+from weightsmith_server.zerocopy import ALIGNMENT, aligned_empty, snapshot
 
 if TYPE_CHECKING:
     from weightsmith_server.models.host import ModelHost
@@ -54,6 +55,9 @@ class EditReport:
         }
 
 
+_GLOB = re.compile(r"[*?[]")
+
+
 def is_floating(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name == "bfloat16"
 
@@ -72,6 +76,8 @@ class EditContext:
         self.architecture_json: str | None = None
         self.keras_model: Any = None
         self._values: dict[str, np.ndarray] = {}
+        # Floating-point changes whose statistics `settle` has yet to count: (report, new, old).
+        self._unsettled: list[tuple[EditReport, np.ndarray, np.ndarray]] = []
 
     # --- reading -------------------------------------------------------------
 
@@ -87,7 +93,17 @@ class EditContext:
         return manifest.by_path(), lambda record: self.host.store.load_tensor(model_id, record)
 
     def select(self, selector: Selector, *, field: str = "selector") -> list[str]:
-        entries = [r.entry for r in self.records.values()]
+        if selector.layers or selector.layer_range is not None or not selector.has_picks:
+            entries = [r.entry for r in self.records.values()]
+        else:
+            # Exact paths and literal patterns (no glob characters) only match their own
+            # variables: select among those instead of matching every variable of the model.
+            globs = [p for p in selector.patterns if _GLOB.search(p)]
+            if globs:
+                entries = [r.entry for r in self.records.values()]
+            else:
+                named = {*selector.paths, *selector.patterns}
+                entries = [r.entry for r in self.records.values() if r.path in named]
         return select(selector, entries, self.layer_count, field=field)
 
     def value(self, path: str) -> np.ndarray:
@@ -120,8 +136,21 @@ class EditContext:
 
     # --- writing -------------------------------------------------------------
 
+    def new_value(self, path: str) -> np.ndarray:
+        """An uninitialized array for a variable's next value, for ops that compute with `out=`.
+
+        Page-aligned: the resident variable adopts it without a copy on
+        install, and the store writes it with `O_DIRECT`.
+        """
+        record = self.records[path]
+        return aligned_empty(record.shape, numpy_dtype(record.dtype))
+
     def put(self, path: str, new: np.ndarray, report: EditReport, *, field: str = "selector") -> None:
-        """Replace a variable's working value, accounting the change in `report`."""
+        """Replace a variable's working value, after checking its shape and that it is finite.
+
+        The change goes into `report` (its variables now; for floating-point
+        values the changed count and delta L2 once `settle` counts them).
+        """
         record = self.records[path]
         dtype = numpy_dtype(record.dtype)
         new = np.asarray(new)
@@ -131,25 +160,37 @@ class EditContext:
                 reason="WRONG_SHAPE",
                 field=field,
             )
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below as non-finite
-            new = np.ascontiguousarray(new.astype(dtype, copy=False))
-        if is_floating(dtype) and not all_finite(new):
-            raise InvalidArgument(
-                f"The edit made {path!r} non-finite (NaN or infinite); check its arguments.",
-                reason="NON_FINITE_RESULT",
-                field=field,
-            )
+        if new.dtype != dtype or not new.flags.c_contiguous or new.ctypes.data % ALIGNMENT:
+            # One copy here instead of one at install (a misaligned buffer cannot be adopted).
+            aligned = aligned_empty(record.shape, dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported below as non-finite
+                np.copyto(aligned, new, casting="unsafe")
+            new = aligned
         old = self.value(path)
-        report.elements_changed += int(np.count_nonzero(new != old))
         if is_floating(dtype):
-            difference = new.astype(np.float64).ravel()
-            difference -= old.ravel()
-            report._delta_squared += float(np.dot(difference, difference))
-        report.delta_l2 = math.sqrt(report._delta_squared)
+            if not all_finite(new):
+                raise InvalidArgument(
+                    f"The edit made {path!r} non-finite (NaN or infinite); check its arguments.",
+                    reason="NON_FINITE_RESULT",
+                    field=field,
+                )
+            # Counted by `settle`, which the engine overlaps with writing the new values.
+            self._unsettled.append((report, new, old))
+        else:
+            report.elements_changed += int(np.count_nonzero(new != old))
         if path not in report.variables:
             report.variables.append(path)
         self._values[path] = new
         self.changed.add(path)
+
+    def settle(self) -> None:
+        """Account every floating-point change made so far (changed count, delta L2) in its report."""
+        pending, self._unsettled = self._unsettled, []
+        for report, new, old in pending:
+            changed, squares = change_stats(new, old)
+            report.elements_changed += changed
+            report._delta_squared += squares
+            report.delta_l2 = math.sqrt(report._delta_squared)
 
     def rebuild(self, config: dict[str, Any], *, seed: int | None, field: str) -> list[str]:
         """Switch the batch to a new architecture; returns the paths it added.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,11 +11,12 @@ import numpy as np
 from weightsmith_server.edits.base import EditOp
 from weightsmith_server.edits.context import EditContext, EditReport
 from weightsmith_server.errors import InvalidArgument, WeightsmithError
+from weightsmith_server.manifests import Manifest, VariableRecord
 from weightsmith_server.models.host import ModelHost
 from weightsmith_server.models.resident import ResidentModel
 from weightsmith_server.revisions.commit import Change, check_expected_revision
 from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
-from weightsmith_server.store import Manifest, StagedRevision
+from weightsmith_server.store import StagedRevision
 
 
 def _apply_all(ctx: EditContext, ops: Sequence[EditOp]) -> list[EditReport]:
@@ -33,15 +36,52 @@ def _summary(reports: list[EditReport]) -> str:
     return f"{len(reports)} edit(s): {ops}"
 
 
+def _write(ctx: EditContext, staged: StagedRevision) -> dict[str, VariableRecord]:
+    """Write the changed values durably (model order); their staged manifest entries by path."""
+    return {
+        path: staged.add_tensor(record.entry, ctx.value(path))
+        for path, record in ctx.records.items()
+        if path in ctx.changed
+    }
+
+
 def _stage(ctx: EditContext, staged: StagedRevision) -> Manifest:
-    """Write the changed values; every other variable keeps its file."""
+    """Write the changed values while the batch's changes are counted; the new manifest.
+
+    The files are written and fsync'd on a worker thread (the disk works
+    while this thread counts) unless they are too small for the thread hop
+    to pay; every other variable keeps its file.
+    """
+    if sum(ctx.value(path).nbytes for path in ctx.changed) < _OVERLAP_BYTES:
+        ctx.settle()
+        written = _write(ctx, staged)
+    else:
+        writing = _workers().submit(_write, ctx, staged)
+        try:
+            ctx.settle()
+        finally:
+            # Never leave a write running: a failure discards the staging folder next.
+            concurrent.futures.wait([writing])
+        written = writing.result()
     return Manifest(
         layer_count=ctx.layer_count,
-        variables=tuple(
-            staged.add_tensor(record.entry, ctx.value(path)) if path in ctx.changed else record
-            for path, record in ctx.records.items()
-        ),
+        variables=tuple(written.get(path, record) for path, record in ctx.records.items()),
     )
+
+
+# Below this many changed bytes the values are written on the calling thread.
+_OVERLAP_BYTES = 1 << 20
+_WORKERS: concurrent.futures.ThreadPoolExecutor | None = None
+_WORKERS_LOCK = threading.Lock()
+
+
+def _workers() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that write edited values to disk, started on first use."""
+    global _WORKERS
+    with _WORKERS_LOCK:
+        if _WORKERS is None:
+            _WORKERS = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="weightsmith-edits")
+        return _WORKERS
 
 
 def apply_edits(
@@ -66,7 +106,10 @@ def apply_edits(
 
         def rehearse(resident: ResidentModel) -> list[EditReport]:
             check_expected_revision(resident, expected_revision, "expected_revision")
-            return _apply_all(EditContext(host, resident), ops)
+            ctx = EditContext(host, resident)
+            reports = _apply_all(ctx, ops)
+            ctx.settle()
+            return reports
 
         return None, host.run(model_id, rehearse)
     staged = host.stage(model_id)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from weightsmith_server.store import fsync_path, read_json, write_json
+from weightsmith_server.durable import fsync_path, read_json, write_json
 
 POINTER = "checkpoint.json"
 

@@ -95,8 +95,7 @@ class EventLog:
             self._events.append(event)
             self._changed.notify_all()
             waiters = list(self._waiters)
-        for loop, flag in waiters:
-            loop.call_soon_threadsafe(flag.set)
+        _wake(waiters)
         return event
 
     def close(self) -> None:
@@ -105,8 +104,7 @@ class EventLog:
             self._closed = True
             self._changed.notify_all()
             waiters = list(self._waiters)
-        for loop, flag in waiters:
-            loop.call_soon_threadsafe(flag.set)
+        _wake(waiters)
         self._handle.close()
 
     @property
@@ -140,6 +138,26 @@ class EventLog:
         finally:
             with self._changed:
                 self._waiters.discard(waiter)
+
+
+def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    """Set every waiter's flag, with one wake-up per event loop however many watchers it serves.
+
+    Each `call_soon_threadsafe` writes to the loop's wake-up socket; the
+    server's watchers all live on one loop, so per event that is one
+    wake-up and one callback instead of one per watcher (fewer GIL hand-offs
+    with the training thread).
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for loop, flag in waiters:
+        by_loop.setdefault(loop, []).append(flag)
+    for loop, flags in by_loop.items():
+        loop.call_soon_threadsafe(_set_all, flags)
+
+
+def _set_all(flags: list[asyncio.Event]) -> None:
+    for flag in flags:
+        flag.set()
 
 
 # A log, the payload to write to it, and the flag to set once it is published; an item

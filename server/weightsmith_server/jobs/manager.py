@@ -35,6 +35,7 @@ import numpy as np
 
 from weightsmith_server.clock import utc_now
 from weightsmith_server.datasets import DatasetStore
+from weightsmith_server.durable import fsync_path, read_json, write_json
 from weightsmith_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -65,7 +66,6 @@ from weightsmith_server.paging import decode_number_token, encode_page_token, pa
 from weightsmith_server.resources import ResourceTable
 from weightsmith_server.revisions.commit import Change, stage_values
 from weightsmith_server.revisions.record import RevisionDraft, RevisionKind
-from weightsmith_server.store import fsync_path, read_json, write_json
 from weightsmith_server.zerocopy import snapshot
 
 log = logging.getLogger(__name__)

@@ -302,18 +302,68 @@ def catalog_declared_bytes(spec: CatalogSpec) -> int:
     return declared_bytes(lambda: constructor(**_catalog_arguments(spec, None)))
 
 
-def rebuild(config_json: str, *, device: str, seed: int | None = None) -> Any:
+def rebuild(config_json: str, *, device: str, seed: int | None = None, initialize: bool = True) -> Any:
     """Rebuild a checked architecture; `seed` fixes the fresh variables' values.
 
     An empty `device` leaves placement to the caller (a distribution strategy).
+    `initialize=False` allocates no variable (shapes and dtypes only): for a
+    model that is only described, never run.
     """
     import keras
     import tensorflow as tf
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
 
     with _BUILD_LOCK, tf.device(device) if device else contextlib.nullcontext():
         if seed is not None:
             keras.utils.set_random_seed(seed)
-        return keras.models.model_from_json(config_json)
+        if initialize:
+            return keras.models.model_from_json(config_json)
+        try:
+            with StatelessScope(initialize_variables=False):
+                return keras.models.model_from_json(config_json)
+        finally:
+            global_state.set_global_attribute("uninitialized_variables", [])
+
+
+def rebuild_with_values(config_json: str, value_of: Callable[[str], Any], *, device: str) -> Any:
+    """Rebuild a checked architecture whose weights start as `value_of(path)` (paths of `model_variables`).
+
+    The variables are created uninitialized (a stateless scope, as in
+    `declared_bytes`) and each is then initialized once, from its value:
+    no initializer runs and no fresh value is allocated only to be
+    overwritten, so a restored model holds one copy of its weights. Other
+    state (random-generator seeds) is initialized as usual. A value whose
+    shape differs from the variable's raises ValueError.
+    """
+    import keras
+    import tensorflow as tf
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    from weightsmith_server.dtypes import numpy_dtype
+    from weightsmith_server.variables import model_variables
+
+    with _BUILD_LOCK, tf.device(device) if device else contextlib.nullcontext():
+        try:
+            with StatelessScope(initialize_variables=False):
+                model = keras.models.model_from_json(config_json)
+        finally:
+            global_state.set_global_attribute("uninitialized_variables", [])
+        for entry, variable in model_variables(model):
+            value = value_of(entry.path)
+            if tuple(value.shape) != tuple(variable.shape) or value.dtype != numpy_dtype(str(variable.dtype)):
+                raise ValueError(
+                    f"{entry.path}: stored {value.dtype}{list(value.shape)}, the architecture declares "
+                    f"{variable.dtype}{list(variable.shape)}"
+                )
+            # Keras' own deferred initialization (in an init scope), with the value as initializer.
+            variable._initializer = lambda shape, dtype, value=value: value
+            variable._deferred_initialize()
+        for variable in model.variables:
+            if variable._value is None:
+                variable._deferred_initialize()
+    return model
 
 
 def layer_config(class_name: str, config: dict[str, Any], *, field: str) -> dict[str, Any]:

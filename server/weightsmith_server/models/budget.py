@@ -40,13 +40,18 @@ class MemoryBudget:
 
     Args:
         budgets: Bytes of resident variables each device may hold; 0 or a
-            missing device means no budget.
+            missing device means no budget. `configure` sets them later when the
+            devices are not known yet (TensorFlow still importing).
     """
 
     def __init__(self, budgets: Mapping[str, int]) -> None:
         self._budgets = dict(budgets)
         self._last_use: dict[str, int] = {}
         self._clock = itertools.count(1)
+
+    def configure(self, budgets: Mapping[str, int]) -> None:
+        """Set the budgets once the devices are known (the use order is kept)."""
+        self._budgets = dict(budgets)
 
     def budget(self, device: str) -> int:
         """The device's budget in bytes, 0 when it has none."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class NewModel:
     # The bytes its variables will hold, known before anything is allocated
     # (0: unknown until built): the host refuses a model no budget can hold.
     declared_bytes: Callable[[], int] = lambda: 0
+    # JSON files the model's folder starts with (its serving settings), committed with revision 1.
+    files: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _draft(kind: RevisionKind, message: str, author: str, job_id: str = "") -> RevisionDraft:
@@ -151,11 +153,25 @@ def from_values(
 
 
 def materialize(store: Store, model_id: str, revision: int, device: str) -> ModelState:
-    """Build a stored revision's model, weights assigned bit-exactly."""
+    """Build a stored revision's model, its variables initialized bit-exactly from the stored values.
+
+    Each value is read from its (memory-mapped) file straight into its
+    variable: one copy, no initializer run first (see `rebuild_with_values`).
+    """
     record = store.read_revision(model_id, revision)
     manifest = store.read_manifest(model_id, revision)
-    keras_model = architecture.rebuild(store.read_architecture(model_id, revision), device=device)
-    state = ModelState.of(record, manifest, keras_model)
-    for stored in manifest.variables:
-        state.variables[stored.path].assign(store.load_tensor(model_id, stored))
-    return state
+    stored = {entry.path: entry for entry in manifest.variables}
+
+    def value_of(path: str) -> np.ndarray:
+        entry = stored.pop(path, None)
+        if entry is None:
+            raise ValueError(f"revision {revision} of {model_id!r} stores no value for {path!r}")
+        return np.asarray(store.load_tensor(model_id, entry))
+
+    config = store.read_architecture(model_id, revision)
+    keras_model = architecture.rebuild_with_values(config, value_of, device=device)
+    if stored:
+        raise ValueError(
+            f"revision {revision} of {model_id!r} stores values for unknown variables {sorted(stored)}"
+        )
+    return ModelState.of(record, manifest, keras_model)

@@ -1,18 +1,16 @@
 """`LocalModelHost`: the models of this process, resident within a memory budget, backed by the store.
 
 Each device holds at most its memory budget of resident models' variables
-(`MemoryBudget`). Placing a model (creation, restore, the reload of an
-unloaded one, a commit that grows it) unloads the least recently used idle
-models of its device until it fits, or fails with RESOURCE_EXHAUSTED and
-changes nothing. Idle means no call uses the model (`ResidentModel.users`),
-no in-place job holds it and no commit is under way. An unloaded model
-stays listed with the description it had, and its next use reloads it from
-the store, bit-exactly.
+(`MemoryBudget`); where a model goes and which idle models are unloaded for
+it is `Placement` (models/placement.py). An unloaded model stays listed with
+the description it had, and its next use reloads it from the store,
+bit-exactly. Start-up lists the stored models without loading them, then
+loads them in the background (`StoredModels`, models/restore.py).
 
 `_lock` guards which models are resident, their users, the use order and
 the bytes promised to placements under way; it is held briefly and never
-while a model is built. `_loading` serializes reloads, so one model is
-never loaded twice.
+while a model is built nor while TensorFlow imports. `_loading` serializes
+loads (background and on demand), so one model is never loaded twice.
 """
 
 from __future__ import annotations
@@ -23,25 +21,27 @@ import gc
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
 
-from weightsmith_server import metrics
 from weightsmith_server.devices import Devices
 from weightsmith_server.dtypes import numpy_dtype
-from weightsmith_server.errors import NotFound, ResourceExhausted, Unavailable
-from weightsmith_server.models.architecture import rebuild
-from weightsmith_server.models.budget import Held, MemoryBudget
+from weightsmith_server.errors import NotFound, Unavailable
+from weightsmith_server.models.budget import MemoryBudget
 from weightsmith_server.models.creation import NewModel, materialize
-from weightsmith_server.models.description import ModelInfo, describe, describe_state
+from weightsmith_server.models.description import ModelInfo, describe
 from weightsmith_server.models.host import ModelHost
+from weightsmith_server.models.placement import Promise
 from weightsmith_server.models.resident import ModelState, ResidentModel, manifest_bytes
+from weightsmith_server.models.restore import StoredModels
 from weightsmith_server.paging import page_after
 from weightsmith_server.resources import ResourceTable
 from weightsmith_server.revisions.commit import Change, ModelUnloaded, commit_change
 from weightsmith_server.revisions.record import RevisionRecord
+from weightsmith_server.staging import trim_soon
 from weightsmith_server.store import Manifest, ModelRecord, StagedRevision, Store
 from weightsmith_server.variables import model_variables
 
@@ -50,42 +50,90 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclasses.dataclass
-class _Promise:
-    """Bytes `_place` promised a device until the model holding them is registered, or given up."""
-
-    device: str
-    nbytes: int
-    settled: bool = False
-
-
-class LocalModelHost(ModelHost):
+class LocalModelHost(StoredModels, ModelHost):
     """All models of a server, resident in this process within each device's memory budget.
 
     Args:
         store: The durable store every revision is committed to.
-        devices: Where models can be placed.
+        devices: Where models can be placed, or their future while TensorFlow imports.
+        start_devices: Starts what resolves that future (called on the first need of it).
         retain_revisions: Keep only this many revisions per model (0: all).
         memory_budget_bytes: Bytes of variables each device may hold (0: automatic, see `Devices.budgets`).
+        device_wait_seconds: How long a call that needs TensorFlow waits for it to finish
+            importing before it fails with UNAVAILABLE (STARTING).
     """
 
     def __init__(
-        self, store: Store, devices: Devices, retain_revisions: int = 0, memory_budget_bytes: int = 0
+        self,
+        store: Store,
+        devices: Devices | Future[Devices],
+        retain_revisions: int = 0,
+        memory_budget_bytes: int = 0,
+        *,
+        start_devices: Callable[[], None] | None = None,
+        device_wait_seconds: float = 300.0,
     ) -> None:
         self.store = store
-        self.devices = devices
+        if not isinstance(devices, Future):
+            known: Future[Devices] = Future()
+            known.set_result(devices)
+            devices = known
+        self._devices = devices
+        self._start_devices = start_devices
+        self._device_wait = device_wait_seconds
+        self._memory_budget_bytes = memory_budget_bytes
+        self._budgets_known = False
         self.retain_revisions = retain_revisions
-        self.budget = MemoryBudget(devices.budgets(memory_budget_bytes))
+        self.budget = MemoryBudget({})
         self._models: ResourceTable[ResidentModel] = ResourceTable(
             "model", "ListModels", lambda model_id: self.store.model_dir(model_id).exists()
         )
         # Stored models not in memory, with what GetModel says of them: loaded again on their next use.
         self._unloaded: dict[str, ModelInfo] = {}
+        # Unloaded models described without inputs, outputs and layers (no cached signature):
+        # completed by one build on the CPU when GetModel or ListModels first shows them.
+        self._undescribed: set[str] = set()
         # Bytes promised to placements under way, per device.
         self._pending: dict[str, int] = {}
         self._lock = threading.RLock()
         self._loading = threading.Lock()
         self.ready = False
+
+    @property
+    def devices(self) -> Devices:
+        """The devices, once TensorFlow has imported (waits up to `device_wait_seconds`).
+
+        Never called under `_lock`: the wait would stall every lookup.
+        """
+        if self._start_devices is not None and not self._devices.done():
+            self._start_devices()
+        try:
+            devices = self._devices.result(timeout=self._device_wait)
+        except TimeoutError:
+            raise Unavailable(
+                "The server is still starting TensorFlow; retry in a moment.", reason="STARTING"
+            ) from None
+        except Exception as exc:
+            raise Unavailable(
+                f"The server's devices could not be initialized: {type(exc).__name__}: {exc}",
+                reason="STARTING",
+            ) from None
+        if not self._budgets_known:
+            with self._lock:
+                if not self._budgets_known:
+                    self.budget.configure(devices.budgets(self._memory_budget_bytes))
+                    self._budgets_known = True
+        return devices
+
+    @property
+    def devices_future(self) -> Future[Devices]:
+        """The devices as they become known (an exception if TensorFlow or the policy failed)."""
+        return self._devices
+
+    @property
+    def tensorflow_ready(self) -> bool:
+        """Whether the devices are known (TensorFlow imported), without waiting."""
+        return self._devices.done() and self._devices.exception() is None
 
     # --- lookup ----------------------------------------------------------------
 
@@ -144,7 +192,13 @@ class LocalModelHost(ModelHost):
     def describe(self, model_id: str, field: str = "model_id") -> ModelInfo:
         # Metadata only: GetModel neither reloads a model nor keeps it resident.
         found = self._lookup(model_id, field)
-        return describe(found) if isinstance(found, ResidentModel) else found
+        if isinstance(found, ResidentModel):
+            return describe(found)
+        return self._complete(found)
+
+        """The CPU device name, once TensorFlow has imported (a build before would skip `--device`)."""
+        self.devices  # noqa: B018 - waits for TensorFlow and the device policy
+        return "/device:CPU:0"
 
     def list(
         self, page_size: int, page_token: str, visible: Callable[[str], bool] | None = None
@@ -164,7 +218,8 @@ class LocalModelHost(ModelHost):
             if resident is not None:
                 found.append(describe(resident))
             elif info is not None:
-                found.append(info)
+                # Never waits for TensorFlow: an uncached signature is completed once it is up.
+                found.append(self._complete(info) if self.tensorflow_ready else info)
         return found, token
 
     def placements(self) -> dict[str, list[str]]:
@@ -182,7 +237,8 @@ class LocalModelHost(ModelHost):
 
     def memory_budgets(self) -> dict[str, int]:
         """Each device's memory budget in bytes (0: none)."""
-        return {d.name: self.budget.budget(d.name) for d in self.devices.devices}
+        devices = self.devices.devices
+        return {d.name: self.budget.budget(d.name) for d in devices}
 
     def run(self, model_id: str, function: Callable[[ResidentModel], T], *, field: str = "model_id") -> T:
         with self._using(model_id, field) as resident:
@@ -211,164 +267,10 @@ class LocalModelHost(ModelHost):
         return number, self.store.read_manifest(model_id, number)
 
     def materialize(self, model_id: str, revision: int, device: str) -> ModelState:
+        self.devices  # noqa: B018 - waits for TensorFlow and the device policy
         return materialize(self.store, model_id, revision, device)
 
-    # --- placement within the memory budget --------------------------------------
-
-    def _place(self, needed: int, devices: Sequence[str] = (), *, unload: bool = True) -> _Promise:
-        """A device for `needed` more bytes, after unloading least-recently-used idle models there.
-
-        The bytes stay promised to the device until `_register` or `_settle`;
-        RESOURCE_EXHAUSTED (nothing unloaded) when no device can take them.
-        """
-        with self._lock:
-            held: dict[str, list[Held]] = {}
-            idle: set[str] = set()
-            for resident in self._models.values():
-                held.setdefault(resident.device, []).append(Held(resident.model_id, resident.nbytes))
-                if resident.idle:
-                    idle.add(resident.model_id)
-            placement = self.budget.plan(
-                needed,
-                list(devices) or [d.name for d in self.devices.devices],
-                held,
-                idle,
-                pending=self._pending,
-                unload=unload,
-            )
-            for victim in placement.victims:
-                self._unload_idle(victim)
-            self._pending[placement.device] = self._pending.get(placement.device, 0) + needed
-        if placement.victims:
-            gc.collect()  # Keras models hold reference cycles: free their variables now
-        return _Promise(placement.device, needed)
-
-    def _settle(self, promise: _Promise | None) -> None:
-        """End a promise of `_place` (once): its bytes are resident now, or not needed."""
-        with self._lock:
-            if promise is not None and not promise.settled:
-                self._pending[promise.device] -= promise.nbytes
-                promise.settled = True
-
-    def _register(
-        self, resident: ResidentModel, promise: _Promise | None = None, *, users: int = 0
-    ) -> ResidentModel:
-        """Make a model resident and the most recently used; its promise ends at the same moment.
-
-        `users`: calls that use it from this moment on (a reload hands it to its caller in use).
-        """
-        with self._lock:
-            resident.users += users
-            self._models.put(resident.model_id, resident)
-            self._unloaded.pop(resident.model_id, None)
-            self.budget.touch(resident.model_id)
-            self._settle(promise)
-        return resident
-
-    def _unload_idle(self, model_id: str) -> None:
-        """Unload an idle model to make room (under `_lock`: it stays idle meanwhile)."""
-        resident = self._models.find(model_id)
-        assert resident is not None and resident.idle, model_id
-        # Free by construction (idle), taken so the `unloaded` flag is set under it as commits expect.
-        locked = resident.commit_lock.acquire(blocking=False)
-        try:
-            self._drop(resident)
-        finally:
-            if locked:
-                resident.commit_lock.release()
-        metrics.LRU_UNLOADS.labels(resident.device).inc()
-        log.info(
-            "unloaded model %s from %s (least recently used, %d bytes) to stay within the memory budget",
-            model_id,
-            resident.device,
-            resident.nbytes,
-        )
-
-    def _drop(self, resident: ResidentModel) -> None:
-        """Take a model out of memory, keeping its description (under `_lock` and its commit lock)."""
-        if self._models.remove(resident.model_id, resident):
-            resident.unloaded = True
-            self._unloaded[resident.model_id] = dataclasses.replace(
-                describe(resident), device="", resident=False
-            )
-
-    def _reload(self, model_id: str) -> ResidentModel | None:
-        """Load an unloaded model again at its latest revision, making room for it first.
-
-        Returns it in use by the caller (see `_acquire`), or None if it was
-        loaded or deleted while this waited.
-        """
-        with self._loading:
-            with self._lock:
-                info = self._unloaded.get(model_id)
-            if info is None:
-                return None
-            promise = self._place(info.weight_bytes)
-            try:
-                resident = self._register(self._load(model_id, promise.device), promise, users=1)
-            finally:
-                self._settle(promise)
-        log.info("reloaded model %s on %s", model_id, promise.device)
-        return resident
-
     # --- lifecycle -------------------------------------------------------------
-
-    def restore(self) -> None:
-        """Load every stored model at its latest revision, as many as the memory budget holds.
-
-        The others stay unloaded but listed, described from a build on the
-        CPU that is dropped at once. A model that fails to load is reported
-        (FAILED_PRECONDITION on use) rather than keeping the whole server
-        from starting.
-        """
-        ids = self.store.model_ids()
-        for model_id in ids:
-            try:
-                self._restore(model_id)
-            except Exception as exc:
-                log.exception("model %s could not be restored", model_id)
-                self._models.mark_unrestorable(model_id, f"{type(exc).__name__}: {exc}")
-        self.ready = True
-        log.info(
-            "restored %d of %d model(s); %d left unloaded by the memory budget",
-            len(self._models.values()) + len(self._unloaded),
-            len(ids),
-            len(self._unloaded),
-        )
-
-    def _restore(self, model_id: str) -> None:
-        latest = self.store.revision_numbers(model_id)[-1]
-        needed = manifest_bytes(self.store.read_manifest(model_id, latest))
-        try:
-            # Registered one by one: placement sees the models restored before this one.
-            promise = self._place(needed, unload=False)
-        except ResourceExhausted:
-            info = self._describe_stored(model_id, latest)
-            with self._lock:
-                self._unloaded[model_id] = info
-                self.budget.touch(model_id)
-            return
-        try:
-            self._register(self._load(model_id, promise.device), promise)
-        finally:
-            self._settle(promise)
-
-    def _describe_stored(self, model_id: str, revision: int) -> ModelInfo:
-        """What GetModel says of a stored model that is not resident (built on the CPU, then dropped)."""
-        record = self.store.read_model(model_id)
-        keras_model = rebuild(self.store.read_architecture(model_id, revision), device="/device:CPU:0")
-        state = ModelState(
-            self.store.read_revision(model_id, revision),
-            self.store.read_manifest(model_id, revision),
-            keras_model,
-            {},
-        )
-        return describe_state(record, "", state, resident=False)
-
-    def _load(self, model_id: str, device: str) -> ResidentModel:
-        record = self.store.read_model(model_id)
-        latest = self.store.revision_numbers(model_id)[-1]
-        return ResidentModel(record, device, materialize(self.store, model_id, latest, device))
 
     def reserve(self, model_id: str, field: str) -> str:
         self._require_ready()
@@ -385,11 +287,12 @@ class LocalModelHost(ModelHost):
         try:
             # What the config declares is checked before anything is allocated; the
             # model is built where the most budget is free, and placed by its real size.
-            self.budget.refuse_oversized(new.declared_bytes(), [d.name for d in self.devices.devices])
+            names = [d.name for d in self.devices.devices]  # first: waits for TensorFlow and the policy
+            self.budget.refuse_oversized(new.declared_bytes(), names)
             with self._lock:
                 device = self.budget.roomiest(
                     {d: n + self._pending.get(d, 0) for d, n in self.resident_bytes().items()},
-                    [d.name for d in self.devices.devices],
+                    names,
                 )
             keras_model = new.build(device)
             promise = self._place(_variable_bytes(keras_model), [device])
@@ -401,7 +304,7 @@ class LocalModelHost(ModelHost):
         finally:
             self.release(model_id)
 
-    def _commit_new(self, model_id: str, new: NewModel, keras_model: Any, promise: _Promise) -> ResidentModel:
+    def _commit_new(self, model_id: str, new: NewModel, keras_model: Any, promise: Promise) -> ResidentModel:
         """Write revision 1 durably, then make the model resident."""
         entries = model_variables(keras_model)
         architecture = new.architecture or type(keras_model).__name__
@@ -419,7 +322,7 @@ class LocalModelHost(ModelHost):
             revision = draft.record(model_id, 1, None, staged.stored_bytes)
             committed = staged.commit(revision, manifest, keras_model.to_json())
             record = ModelRecord(model_id, architecture, str(new.source), revision.create_time)
-            self.store.commit_model(folder, record)
+            self.store.commit_model(folder, record, new.files)
         except BaseException:
             if not (self.store.model_dir(model_id) / "model.json").is_file():
                 shutil.rmtree(folder, ignore_errors=True)
@@ -431,6 +334,8 @@ class LocalModelHost(ModelHost):
             raise
         state = ModelState.of(revision, committed, keras_model)
         resident = self._register(ResidentModel(record, promise.device, state), promise)
+        self._cache_signature(model_id, state)
+        trim_soon()
         log.info("created model %s (%s) on %s", model_id, architecture, promise.device)
         return resident
 
@@ -439,12 +344,16 @@ class LocalModelHost(ModelHost):
         with self._loading:  # an unloaded model is deleted as it is: no reload meanwhile
             with self._lock:
                 info = self._unloaded.pop(model_id, None)
+                undescribed = model_id in self._undescribed
+                self._undescribed.discard(model_id)
             if info is not None:
                 try:
                     self.store.delete_model(model_id)
                 except BaseException:
                     with self._lock:
                         self._unloaded[model_id] = info
+                        if undescribed:
+                            self._undescribed.add(model_id)
                     raise
                 with self._lock:
                     self.budget.forget(model_id)
@@ -530,18 +439,20 @@ class LocalModelHost(ModelHost):
         The room is made before the commit's point of no return: without it
         the call fails with RESOURCE_EXHAUSTED and nothing is committed.
         """
-        grown: _Promise | None = None
+        grown: Promise | None = None
 
         def within_budget(current: ResidentModel) -> Change:
             nonlocal grown
             change = prepare(current)
+            if change.keras_model is None:
+                return change  # values only: every shape and dtype, so the size, is unchanged
             growth = manifest_bytes(change.manifest) - current.nbytes
             if growth > 0:
                 grown = self._place(growth, [current.device])
             return change
 
         try:
-            return commit_change(
+            committed = commit_change(
                 resident,
                 staged,
                 within_budget,
@@ -554,6 +465,11 @@ class LocalModelHost(ModelHost):
             )
         finally:
             self._settle(grown)
+        if committed.architecture_revision == committed.revision:  # surgery: cache the new signature now
+            state = resident.state
+            if state.revision.revision == committed.revision:
+                self._cache_signature(resident.model_id, state)
+        return committed
 
     def _rebuild(self, resident: ResidentModel, revision: int) -> None:
         """Rebuild a model's state from the store at `revision` (after a failed install)."""

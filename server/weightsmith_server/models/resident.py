@@ -10,6 +10,7 @@ before it becomes visible.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,14 @@ class ModelState:
     manifest: Manifest
     keras_model: Any
     variables: dict[str, Any]
-    # Models returning intermediate layer outputs, by layer names (built on demand).
+    # Compiled runners (models/inference.py) by `output_layers` names, () for the
+    # model alone; built on demand, kept across value-only commits (same variables).
     feature_models: dict[tuple[str, ...], Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        """Bytes of the revision's variables (computed once per state: a commit makes a new one)."""
+        return manifest_bytes(self.manifest)
 
     @classmethod
     def of(cls, revision: RevisionRecord, manifest: Manifest, keras_model: Any) -> ModelState:
@@ -67,6 +74,7 @@ class ResidentModel:
         # Calls using the model now (counted by the host under its lock): the
         # memory budget never unloads a model while this is above 0.
         self.users = 0
+        self._warm(state)
 
     @property
     def revision(self) -> int:
@@ -75,7 +83,7 @@ class ResidentModel:
     @property
     def nbytes(self) -> int:
         """Bytes of the committed revision's variables: what the memory budget counts."""
-        return manifest_bytes(self.state.manifest)
+        return self.state.nbytes
 
     @property
     def idle(self) -> bool:
@@ -118,16 +126,25 @@ class ResidentModel:
                 adopt(state.variables[path], value)
             with self.lock.write():
                 self.state = state
+            self._warm(state)
             return
         state = self.state
         with self.lock.write():
             for path, value in change.values.items():
                 adopt(state.variables[path], value)
-            self.state = ModelState(
-                record, manifest, state.keras_model, state.variables, state.feature_models
-            )
+            installed = ModelState(record, manifest, state.keras_model, state.variables, state.feature_models)
+            if "nbytes" in state.__dict__:  # same shapes and dtypes: the cached size holds
+                installed.__dict__["nbytes"] = state.__dict__["nbytes"]
+            self.state = installed
 
     def replace_state(self, state: ModelState) -> None:
         """Install a state rebuilt from the store (after a failed install)."""
         with self.lock.write():
             self.state = state
+        self._warm(state)
+
+    def _warm(self, state: ModelState) -> None:
+        """Queue the state's compiled Predict for the background warm-up, outside any request."""
+        from weightsmith_server.models.warmup import WARM_UPS
+
+        WARM_UPS.submit(self, state)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -17,10 +17,12 @@ from weightsmith_server.devices import DeviceInfo
 from weightsmith_server.jobs.evaluation import Evaluation, evaluate
 from weightsmith_server.limits import InputLimits
 from weightsmith_server.models import architecture, creation, inference
+from weightsmith_server.models.batching import Batcher, BatchingPolicy
 from weightsmith_server.models.description import ModelInfo
 from weightsmith_server.models.export import ExportFormat, write_model
 from weightsmith_server.models.host import ModelHost
 from weightsmith_server.models.resident import ResidentModel
+from weightsmith_server.models.serving import BatchingOverrides, ServingSettings, validate
 from weightsmith_server.resources import check_upload_size, claim, receive_file, remove_later
 from weightsmith_server.workers import Blocking
 
@@ -42,6 +44,9 @@ class ServerLimits:
     max_write_streams: int = 0
     max_staging_bytes: int = 0
     max_error_bytes: int = 0
+    # Dynamic batching of Predict (models/batching.py): the server's default policy.
+    batch_max_size: int = 32
+    batch_wait_ms: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,27 @@ class ModelOperations:
         self._limits = limits
         self._inputs = inputs or InputLimits()
         self._security = security or SecuritySettings()
+        self._batcher: Batcher[Prediction] = Batcher(self._predict_batch)
+        # Each model's own batching fields (models/serving.py); the flags give the defaults.
+        self._serving = ServingSettings(host.store.model_dir)
+        self._default_batching = BatchingPolicy(limits.batch_max_size, limits.batch_wait_ms)
+
+    @property
+    def batcher(self) -> Batcher[Prediction]:
+        """The Predict batcher (its `batches` and `calls` counters show how calls were grouped)."""
+        return self._batcher
+
+    def _with_batching(self, info: ModelInfo) -> ModelInfo:
+        """The description with the batching policy in effect (reads the model's settings once)."""
+        return replace(info, batching=self._serving.get(info.model_id).effective(self._default_batching))
+
+    def _create_with(
+        self, batching: BatchingOverrides | None, create: Callable[[Mapping[str, Any]], ModelInfo]
+    ) -> ModelInfo:
+        """Create with the model's batching settings in its folder, committed with revision 1."""
+        info = create(self._serving.files(batching))
+        self._serving.remember(info.model_id, batching)
+        return self._with_batching(info)
 
     async def create(
         self,
@@ -124,10 +150,14 @@ class ModelOperations:
         seed: int | None,
         message: str,
         author: str,
+        batching: BatchingOverrides | None = None,
     ) -> ModelInfo:
         """A new model at revision 1, from a catalog architecture or a Keras config JSON."""
         model_id = access.require_creatable(model_id)
-        return await self._blocking(self._create, model_id, source, seed, message, author)
+        if batching is not None:
+            validate(batching)
+        create = functools.partial(self._create, model_id, source, seed, message, author)
+        return await self._blocking(self._create_with, batching, create)
 
     def _create(
         self,
@@ -136,6 +166,7 @@ class ModelOperations:
         seed: int | None,
         message: str,
         author: str,
+        files: Mapping[str, Any],
     ) -> ModelInfo:
         if isinstance(source, architecture.CatalogSpec):
             weights = (
@@ -145,16 +176,23 @@ class ModelOperations:
                 source, seed=seed, weights_path=weights, message=message, author=author
             )
         else:
-            new = creation.from_config(
-                source, seed=seed, message=message, author=author, limits=self._inputs
-            )
+            new = creation.from_config(source, seed=seed, message=message, author=author, limits=self._inputs)
         # The id is reserved on this worker too: a call cancelled before it starts holds nothing.
-        return self._host.create(model_id, new)
+        return self._host.create(model_id, replace(new, files=files))
 
     async def upload(
-        self, model_id: str, size_bytes: int, chunks: AsyncIterator[bytes], *, message: str, author: str
+        self,
+        model_id: str,
+        size_bytes: int,
+        chunks: AsyncIterator[bytes],
+        *,
+        message: str,
+        author: str,
+        batching: BatchingOverrides | None = None,
     ) -> ModelInfo:
         """Receive a `.keras` file, check it, load it safely and commit revision 1."""
+        if batching is not None:
+            validate(batching, "header.batching")
         check_upload_size(
             size_bytes, self._limits.max_upload_bytes, field="header.size_bytes", what="`.keras` file"
         )
@@ -178,19 +216,51 @@ class ModelOperations:
             remove_later(self._blocking.executor, path)  # the build removes it; this is for one never run
 
         # Released when the worker is done, or at once if the call is cancelled before it starts.
-        return await self._blocking.then(done, self._host.create, model_id, new, reserved=True)
+        def create(files: Mapping[str, Any]) -> ModelInfo:
+            return self._host.create(model_id, replace(new, files=files), reserved=True)
+
+        return await self._blocking.then(done, self._create_with, batching, create)
 
     async def get(self, model_id: str) -> ModelInfo:
         access.require_model(model_id)
-        return await self._blocking(self._host.describe, model_id)
+        return await self._blocking(lambda: self._with_batching(self._host.describe(model_id)))
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[ModelInfo], str]:
         """One page of the models the caller may see (filtered before paging: pages stay full)."""
-        return await self._blocking(self._host.list, page_size, page_token, access.current().may_see)
+
+        def page(may_see: Callable[[str], bool]) -> tuple[list[ModelInfo], str]:
+            infos, token = self._host.list(page_size, page_token, may_see)
+            return [self._with_batching(info) for info in infos], token
+
+        return await self._blocking(page, access.current().may_see)
+
+    async def update(
+        self, model_id: str, batching: BatchingOverrides, fields: tuple[str, ...] | None
+    ) -> ModelInfo:
+        """Change the model's batching settings (`fields`, or those set in `batching` for None), durably.
+
+        Not a revision: the weights, the revision number and `update_time` stay as they are.
+        """
+        access.require_model(model_id)
+        validate(batching)
+
+        def run() -> ModelInfo:
+            info = self._host.describe(model_id)  # NOT_FOUND for an unknown model
+            self._serving.update(model_id, batching, fields)
+            return self._with_batching(info)
+
+        return await self._blocking(run)
 
     async def delete(self, model_id: str) -> None:
         access.require_model(model_id)
-        await self._blocking(self._host.delete, model_id)
+
+        def run() -> None:
+            try:
+                self._host.delete(model_id)
+            finally:
+                self._serving.forget(model_id)  # the file went with the folder
+
+        await self._blocking(run)
 
     async def export(
         self, model_id: str, revision: int, file_format: ExportFormat
@@ -219,10 +289,25 @@ class ModelOperations:
     async def predict(
         self, model_id: str, inputs: Sequence[tuple[str, np.ndarray]], output_layers: Sequence[str]
     ) -> Prediction:
+        """Run the model on the caller's rows, batched with concurrent callers of the same signature."""
         access.require_model(model_id)
+        own = self._serving.cached(model_id)
+        if own is None:  # first Predict since start-up: read the model's settings off the event loop
+            own = await self._blocking(self._serving.get, model_id)
+        return await self._batcher.submit(
+            model_id, inputs, output_layers, own.effective(self._default_batching)
+        )
 
-        def run(resident: ResidentModel) -> Prediction:
-            return Prediction(*inference.predict(resident, inputs, output_layers))
+    async def _predict_batch(
+        self, model_id: str, requests: list[Sequence[tuple[str, np.ndarray]]], output_layers: tuple[str, ...]
+    ) -> list[Prediction | Exception]:
+        """One batch of callers' inputs, in one hop to the worker pool; each its result or its error."""
+
+        def run(resident: ResidentModel) -> list[Prediction | Exception]:
+            return [
+                o if isinstance(o, Exception) else Prediction(o.outputs, o.layer_outputs, o.revision)
+                for o in inference.predict_many(resident, requests, output_layers)
+            ]
 
         return await self._blocking(self._host.run, model_id, run)
 

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from weightsmith_server.errors import Aborted, NotFound
+from weightsmith_server.manifests import Manifest, VariableRecord
 from weightsmith_server.revisions.record import RevisionDraft, RevisionRecord
-from weightsmith_server.store import Manifest, StagedRevision, Store, VariableRecord
+from weightsmith_server.store import StagedRevision, Store
 
 if TYPE_CHECKING:
     from weightsmith_server.models.resident import ResidentModel
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class Change:
     """A revision ready to commit, built by a mutation from the current state.
 
-    `manifest` lists every variable (staged entries under `tensors/`);
+    `manifest` lists every variable (staged entries not yet under a revision folder);
     `values` holds the new values by path. When the architecture changes,
     `architecture_json` is its config and `keras_model` the rebuilt model,
     and `values` covers every one of its variables.
@@ -110,7 +111,9 @@ def commit_change(
             record = change.draft.record(
                 resident.model_id, number, resident.state.revision, staged.stored_bytes
             )
-            committed = staged.commit(record, change.manifest, change.architecture_json)
+            committed = staged.commit(
+                record, change.manifest, change.architecture_json, parent=resident.state.manifest
+            )
         except BaseException:
             if not staged.renamed:
                 staged.discard()
@@ -126,7 +129,7 @@ def commit_change(
         if retain_revisions:
             try:
                 store.retain(resident.model_id, retain_revisions)
-            except OSError:
+            except Exception:  # the revision is committed: retention failing must not report otherwise
                 log.exception("model %s: dropping old revisions failed", resident.model_id)
     log.info("model %s: revision %d, %s", resident.model_id, number, record.summary)
     return record

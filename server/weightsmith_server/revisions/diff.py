@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from weightsmith_server.manifests import VariableRecord
 from weightsmith_server.models.host import ModelHost
 from weightsmith_server.revisions.history import require_revision_number
-from weightsmith_server.store import Store, VariableRecord
+from weightsmith_server.store import Store
 
 
 @dataclass(frozen=True)

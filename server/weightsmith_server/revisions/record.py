@@ -28,7 +28,7 @@ class RevisionKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class RevisionRecord:
-    """What `revision.json` holds: one committed revision's identity and what changed."""
+    """One committed revision's identity and what changed: `revision.json`, besides its manifest."""
 
     model_id: str
     revision: int

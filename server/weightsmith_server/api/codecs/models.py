@@ -10,9 +10,11 @@ from weightsmith_server.api.codecs.tensors import decode_tensor, encode_tensor, 
 from weightsmith_server.errors import InvalidArgument
 from weightsmith_server.jobs.evaluation import Evaluation
 from weightsmith_server.models import architecture
+from weightsmith_server.models.batching import BatchingPolicy
 from weightsmith_server.models.creation import ModelSource
 from weightsmith_server.models.description import ModelInfo
 from weightsmith_server.models.export import ExportFormat
+from weightsmith_server.models.serving import BatchingOverrides
 from weightsmith_server.operations.models import Prediction, SecurityInfo, ServerInfo
 
 MODEL_SOURCES = EnumTable(
@@ -72,6 +74,22 @@ def model(info: ModelInfo) -> model_pb2.Model:
         create_time=timestamp(info.create_time),
         update_time=timestamp(info.update_time),
         resident=info.resident,
+        batching=batching_policy(info.batching) if info.batching is not None else None,
+    )
+
+
+def batching_policy(policy: BatchingPolicy) -> model_pb2.BatchingPolicy:
+    """A policy in effect: both fields set."""
+    return model_pb2.BatchingPolicy(
+        max_batch_size=policy.max_batch_size, max_wait_seconds=policy.max_wait_ms / 1000
+    )
+
+
+def batching_overrides(message: model_pb2.BatchingPolicy) -> BatchingOverrides:
+    """A request's policy: the fields it sets (checked by the operation, which names the field)."""
+    return BatchingOverrides(
+        message.max_batch_size if message.HasField("max_batch_size") else None,
+        message.max_wait_seconds * 1000 if message.HasField("max_wait_seconds") else None,
     )
 
 
@@ -153,6 +171,9 @@ def server_info(info: ServerInfo) -> model_service_pb2.GetServerInfoResponse:
             max_write_streams=info.limits.max_write_streams,
             max_staging_bytes=info.limits.max_staging_bytes,
             max_error_bytes=info.limits.max_error_bytes,
+            predict_batching=batching_policy(
+                BatchingPolicy(info.limits.batch_max_size, info.limits.batch_wait_ms)
+            ),
         ),
         catalog_architectures=info.catalog_architectures,
         security=_security(info.security),
