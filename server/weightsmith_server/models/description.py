@@ -165,24 +165,7 @@ def describe_stored(
 
     Without a signature its inputs, outputs and layers are empty.
     """
-    variables = manifest.variables
-    known = signature or Signature([], [], [])
-    return ModelInfo(
-        model_id=record.model_id,
-        revision=revision.revision,
-        architecture=record.architecture,
-        source=record.source,
-        device="",
-        parameter_count=sum(int(np.prod(v.shape, dtype=np.int64)) for v in variables),
-        weight_bytes=sum(v.nbytes for v in variables),
-        inputs=known.inputs,
-        outputs=known.outputs,
-        layers=known.layers,
-        variables=variables,
-        create_time=record.create_time,
-        update_time=revision.create_time,
-        resident=False,
-    )
+    return _info(record, revision, "", manifest, signature or Signature([], [], []), resident=False)
 
 
 def describe(resident: ResidentModel) -> ModelInfo:
@@ -194,11 +177,25 @@ def describe_state(
     record: ModelRecord, device: str, state: ModelState, *, resident: bool = True
 ) -> ModelInfo:
     """A model's description from its record and a committed state (`device` "" when not resident)."""
-    variables = state.manifest.variables
-    signature = signature_of(state.keras_model)
+    return _info(
+        record, state.revision, device, state.manifest, signature_of(state.keras_model), resident=resident
+    )
+
+
+def _info(
+    record: ModelRecord,
+    revision: RevisionRecord,
+    device: str,
+    manifest: Manifest,
+    signature: Signature,
+    *,
+    resident: bool,
+) -> ModelInfo:
+    """The description both paths give: record, revision, manifest and signature."""
+    variables = manifest.variables
     return ModelInfo(
         model_id=record.model_id,
-        revision=state.revision.revision,
+        revision=revision.revision,
         architecture=record.architecture,
         source=record.source,
         device=device,
@@ -209,6 +206,6 @@ def describe_state(
         layers=signature.layers,
         variables=variables,
         create_time=record.create_time,
-        update_time=state.revision.create_time,
+        update_time=revision.create_time,
         resident=resident,
     )

@@ -109,10 +109,7 @@ class CompiledRunner:
         """Trace, and run a 1-row zero batch when every dimension is known (instantiates the graph)."""
         self.function.get_concrete_function()
         if all(d is not None for spec in self.specs for d in spec.shape[1:]):
-            zeros = [np.zeros((1, *spec.shape[1:]), spec.dtype.as_numpy_dtype) for spec in self.specs]
-            self(zeros)
-            if self.batchable:
-                self.rows_independent(zeros)
+            self([np.zeros((1, *spec.shape[1:]), spec.dtype.as_numpy_dtype) for spec in self.specs])
 
     def rows_independent(self, template: Sequence[np.ndarray]) -> bool:
         """Whether each output row depends only on its own input row, so callers may share a batch.
@@ -122,7 +119,8 @@ class CompiledRunner:
         one caller's answer from another's inputs. Probed once per runner:
         two 2-row batches that share row 0 (the first row of `template`,
         one array per input) and differ in row 1 must give row 0 the same
-        bits, and every output must have 2 rows.
+        bits, and every output must have 2 rows. The probe runs on the first
+        batch of several callers (not at warm-up: it costs two small batches).
         """
         if self._rows_independent is None:
             first = [np.asarray(a[:1]) for a in template]
