@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 import weightsmith
 from tests.conftest import ServerHandle, tiny_config
-from weightsmith import edits, jobs
+from weightsmith import edits, jobs, wire
 from weightsmith.errors import from_rpc_error
 from weightsmith.v1 import (
     edits_pb2,
@@ -24,6 +24,7 @@ from weightsmith.v1 import (
     model_service_pb2,
     model_service_pb2_grpc,
     selector_pb2,
+    tensor_pb2,
     weight_service_pb2,
     weight_service_pb2_grpc,
 )
@@ -163,3 +164,16 @@ def test_add_noise_with_a_negative_zero_stddev_is_a_zero_stddev(client, model_id
     assert reply.revision.revision == 2
     after = client.read_weights(model_id, "hidden/kernel")["hidden/kernel"]
     assert after.tobytes() == before.tobytes()
+
+
+@pytest.mark.parametrize("model_id", ["0" * 256, "a\x00b"])
+def test_predict_and_update_refuse_an_impossible_model_id(server: ServerHandle, model_id: str) -> None:
+    """F9: a 256-character id made the per-model settings lookup raise ENAMETOOLONG: INTERNAL."""
+    stub = model_service_pb2_grpc.ModelServiceStub
+    tensor = tensor_pb2.NamedTensor(tensor=wire.tensor_to_proto(np.ones((1, 4), np.float32)))
+    predict = model_service_pb2.PredictRequest(model_id=model_id, inputs=[tensor])
+    update = model_service_pb2.UpdateModelRequest(model_id=model_id)
+    for method, request in (("Predict", predict), ("UpdateModel", update)):
+        error = _refused(server, stub, method, request)
+        assert isinstance(error, weightsmith.InvalidArgumentError), (method, error)
+        assert error.reason == "INVALID_ID"

@@ -88,6 +88,14 @@ def validate(overrides: BatchingOverrides, field: str = "batching") -> BatchingO
     return overrides
 
 
+def _is_model(folder: Path) -> bool:
+    """Whether `folder` holds a committed model; False for any name the file system refuses."""
+    try:
+        return (folder / "model.json").is_file()
+    except OSError:  # e.g. a name too long for the file system: no such model
+        return False
+
+
 def _payload(overrides: BatchingOverrides) -> dict[str, float | int | None]:
     """What `serving.json` holds: the model's own fields, null for those it leaves to the defaults."""
     return {"max_batch_size": overrides.max_batch_size, "max_wait_ms": overrides.max_wait_ms}
@@ -148,12 +156,12 @@ class ServingSettings:
             exists = True
         except FileNotFoundError:
             found = BatchingOverrides()
-            exists = (folder / "model.json").is_file()  # unknown ids are not cached
+            exists = _is_model(folder)  # unknown ids are not cached
         except (OSError, ValueError, TypeError, AttributeError, InvalidArgument):
             # Unreadable or out of range (edited by hand): the defaults, not an outage, and cached.
             log.warning("model %s: ignoring an unreadable %s", model_id, FILE_NAME, exc_info=True)
             found = BatchingOverrides()
-            exists = (folder / "model.json").is_file()
+            exists = _is_model(folder)
         if exists:
             with self._lock:
                 if self._generation.get(model_id, 0) == generation:
