@@ -153,8 +153,18 @@ class SpawnedServer:
         return self.log_path.read_text(errors="replace")
 
 
-def spawn_server(store: Path, *extra: str, port: int | None = None, timeout: float = 120) -> SpawnedServer:
-    """Start `python -m weightsmith_server` and wait until health says SERVING."""
+def spawn_server(
+    store: Path,
+    *extra: str,
+    port: int | None = None,
+    timeout: float = 120,
+    service: str = "weightsmith.models",
+) -> SpawnedServer:
+    """Start `python -m weightsmith_server` and wait until health says `service` is SERVING.
+
+    By default `weightsmith.models`: TensorFlow imported and the stored models
+    restored (the server accepts calls earlier, at `""` SERVING).
+    """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = port or free_port()
@@ -174,7 +184,7 @@ def spawn_server(store: Path, *extra: str, port: int | None = None, timeout: flo
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return SpawnedServer(process, address, log_path)
             except grpc.RpcError:

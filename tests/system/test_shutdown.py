@@ -39,7 +39,7 @@ def _wait_models_serving(address: str, timeout: float = 60) -> None:
 
 def test_sigterm_during_and_right_after_the_restore_exits_cleanly(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    first = spawn_server(store)
+    first = spawn_server(store, service="")
     with weightsmith.Client(first.address) as client:
         for index in range(3):
             client.create_model(f"cnn{index}", keras_config=tiny_cnn_config(), seed=index)
@@ -47,10 +47,10 @@ def test_sigterm_during_and_right_after_the_restore_exits_cleanly(tmp_path: Path
     # Right after the creates: their warm-ups are queued or running.
     assert _terminate(first) == 0, first.log()
 
-    during = spawn_server(store)  # SERVING: the restore and the warm-ups start now
+    during = spawn_server(store, service="")  # SERVING: the restore and the warm-ups start now
     assert _terminate(during) == 0, during.log()
 
-    after = spawn_server(store)
+    after = spawn_server(store, service="")
     _wait_models_serving(after.address)  # restored: warm-ups of the restored models still run
     assert _terminate(after) == 0, after.log()
     assert "terminate called" not in after.log()

@@ -148,7 +148,10 @@ class StoredModels(Placement):
         stay listed and load on their first use); the loop yields `_loading`
         between models, so a call's on-demand load waits for one load at most.
         A model that fails to load is reported (FAILED_PRECONDITION on use).
+        It first waits for TensorFlow, so that its end (`weightsmith.models`
+        SERVING) means calls wait for nothing, even with no model stored.
         """
+        self.devices  # noqa: B018  # starts and waits for the import; Unavailable if it failed
         with self._lock:
             order = sorted(self._unloaded, key=self.budget.last_use, reverse=True)
         loaded = 0
