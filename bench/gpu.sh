@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite in short runs (about 5 minutes) on a GPU machine, into bench/results-gpu/ and
+# The benchmark suite in short runs (about 5 minutes; 5.5 on the 2-core CPU) on a GPU machine, into bench/results-gpu/ and
 # docs/benchmarks-gpu.md. Without a visible GPU it runs the same short suite on the CPU and says so
 # in the report's notes: the figures then only show that the suite works there.
 #
@@ -27,8 +27,8 @@ run 60  bench/predict.py --rounds 3 --warmup 1 --calls 20 --window 2 --throughpu
 run 45  bench/edits.py --rounds 5 --warmup 1
 run 40  bench/store.py --rounds 1 --warmup 0
 run 60  bench/transfer.py --rounds 3
-run 60  bench/finetune.py --rounds 2 --warmup 0 --epochs 2 --examples 8000
-run 30  bench/memory.py --rounds 1
-run 45  bench/restart.py --models 30 --big 2 --rounds 2
+run 50  bench/finetune.py --rounds 2 --warmup 0 --epochs 2 --examples 4000
+run 150 bench/memory.py --rounds 1
+run 90  bench/restart.py --models 30 --big 1 --rounds 1
 "$PY" bench/report.py --results "$WEIGHTSMITH_BENCH_RESULTS" --output docs/benchmarks-gpu.md \
   --note "$(cat "$WEIGHTSMITH_BENCH_RESULTS/MODE")"
