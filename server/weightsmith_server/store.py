@@ -63,7 +63,6 @@ from weightsmith_server.manifests import (
 )
 from weightsmith_server.revisions.record import RevisionRecord
 from weightsmith_server.tensor_files import (
-    HEADER_BYTES,
     LARGE_TENSOR_BYTES,
     PACKED_FILE,
     PackedTensor,
@@ -74,21 +73,6 @@ from weightsmith_server.tensor_files import (
     write_packed,
 )
 from weightsmith_server.variables import VariableEntry
-
-__all__ = [
-    "FULL_MANIFEST_EVERY",
-    "HEADER_BYTES",
-    "LARGE_TENSOR_BYTES",
-    "Manifest",
-    "ModelRecord",
-    "StagedRevision",
-    "Store",
-    "TensorWriter",
-    "VariableRecord",
-    "fsync_path",
-    "read_json",
-    "write_json",
-]
 
 # "2": revision.json carries the manifest (full or delta), tensors are safetensors files.
 _LAYOUT_VERSION = 2

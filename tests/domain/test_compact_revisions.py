@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 
 from weightsmith_server import store as store_module
+from weightsmith_server.manifests import Manifest, VariableRecord
 from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
-from weightsmith_server.store import (
-    FULL_MANIFEST_EVERY,
-    LARGE_TENSOR_BYTES,
-    Manifest,
-    ModelRecord,
-    Store,
-    VariableRecord,
-)
+from weightsmith_server.store import FULL_MANIFEST_EVERY, ModelRecord, Store
+from weightsmith_server.tensor_files import LARGE_TENSOR_BYTES
 from weightsmith_server.variables import VariableEntry
 
 CPU = "/device:CPU:0"

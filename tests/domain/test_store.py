@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from weightsmith_server.manifests import Manifest
 from weightsmith_server.revisions.record import RevisionDraft, RevisionKind, RevisionRecord
-from weightsmith_server.store import Manifest, ModelRecord, Store
+from weightsmith_server.store import ModelRecord, Store
 from weightsmith_server.variables import VariableEntry
 
 ENTRY_A = VariableEntry("a/kernel", "a", 0, True)

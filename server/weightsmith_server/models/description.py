@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from weightsmith_server.manifests import Manifest, VariableRecord
 from weightsmith_server.models.batching import BatchingPolicy
 from weightsmith_server.models.resident import ModelState, ResidentModel
 from weightsmith_server.revisions.record import RevisionRecord
-from weightsmith_server.store import Manifest, ModelRecord, VariableRecord
+from weightsmith_server.store import ModelRecord
 from weightsmith_server.tensor_spec import TensorSpecInfo
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from weightsmith_server.devices import Devices
+from weightsmith_server.manifests import Manifest
 from weightsmith_server.models.creation import NewModel
 from weightsmith_server.models.description import ModelInfo
 from weightsmith_server.models.resident import ModelState, ResidentModel
 from weightsmith_server.revisions.commit import Change
 from weightsmith_server.revisions.record import RevisionRecord
-from weightsmith_server.store import Manifest, StagedRevision, Store
+from weightsmith_server.store import StagedRevision, Store
 
 T = TypeVar("T")
 

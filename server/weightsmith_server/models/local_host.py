@@ -30,6 +30,7 @@ import numpy as np
 from weightsmith_server.devices import Devices
 from weightsmith_server.dtypes import numpy_dtype
 from weightsmith_server.errors import NotFound, Unavailable
+from weightsmith_server.manifests import Manifest
 from weightsmith_server.models.budget import MemoryBudget
 from weightsmith_server.models.creation import NewModel, materialize
 from weightsmith_server.models.description import ModelInfo, describe
@@ -42,7 +43,7 @@ from weightsmith_server.resources import ResourceTable
 from weightsmith_server.revisions.commit import Change, ModelUnloaded, commit_change
 from weightsmith_server.revisions.record import RevisionRecord
 from weightsmith_server.staging import trim_soon
-from weightsmith_server.store import Manifest, ModelRecord, StagedRevision, Store
+from weightsmith_server.store import ModelRecord, StagedRevision, Store
 from weightsmith_server.variables import model_variables
 
 log = logging.getLogger(__name__)

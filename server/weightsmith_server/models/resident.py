@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from weightsmith_server.errors import FailedPrecondition
+from weightsmith_server.manifests import Manifest
 from weightsmith_server.revisions.record import RevisionRecord
 from weightsmith_server.rwlock import ReadWriteLock
-from weightsmith_server.store import Manifest, ModelRecord
+from weightsmith_server.store import ModelRecord
 from weightsmith_server.variables import model_variables
 from weightsmith_server.zerocopy import adopt
 
